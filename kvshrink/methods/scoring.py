@@ -1,0 +1,59 @@
+"""Attention statistics shared by the score-based selectors (H2O, SnapKV, PyramidKV, KVCrush),
+and the top-k-with-forced-tokens rule they all end with."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_QUERY_CHUNK = 256  # bound the [B, H, q, T] probability tensor during long prefills
+
+
+def _expand_mask(mask: torch.Tensor, n_heads: int) -> torch.Tensor:
+    if mask.shape[1] not in (1, n_heads):
+        mask = mask.repeat_interleave(n_heads // mask.shape[1], dim=1)
+    return mask
+
+
+def attention_scores(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention of ``query`` ``[B, Hq, q, D]`` over ``key`` ``[B, Hkv, T, D]``, summed over
+    the q queries: ``[B, Hq, T]``. Queries are the last q positions (bottom-right causal when no
+    mask is given); ``mask`` is bool (True = attend) ``[B, 1 or Hkv or Hq, q, T]``."""
+    B, Hq, q, D = query.shape
+    Hkv, T = key.shape[1], key.shape[2]
+    k = key.repeat_interleave(Hq // Hkv, dim=1) if Hq != Hkv else key
+    if mask is None:
+        pos_q = torch.arange(T - q, T, device=query.device)[:, None]
+        mask = (torch.arange(T, device=query.device)[None, :] <= pos_q)[None, None]
+    mask = _expand_mask(mask, Hq)
+    out = query.new_zeros(B, Hq, T, dtype=torch.float32)
+    for s in range(0, q, _QUERY_CHUNK):
+        logits = torch.matmul(query[:, :, s : s + _QUERY_CHUNK].float(), k.float().transpose(-1, -2)) * scaling
+        logits = logits.masked_fill(~mask[..., s : s + _QUERY_CHUNK, :], float("-inf"))
+        out += torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(-2)
+    return out
+
+
+def pool(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
+    """1-D pooling along tokens with 'same' padding (SnapKV's clustering of votes)."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])
+    if kind == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return y[..., : shape[-1]].reshape(shape)
+
+
+def topk_keep(scores: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[B, H, k]`` (ascending) of the k best tokens; ``forced`` tokens always win, invalid
+    (padding) tokens always lose."""
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    if forced is not None:
+        s = s.masked_fill(forced & valid, float("inf"))
+    idx = s.topk(k, dim=-1).indices
+    return idx.sort(dim=-1).values
