@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars drown the command's own output
     try:
         rc = args.func(args)
     except (SpecError, ModelError, FileNotFoundError, ValueError) as e:

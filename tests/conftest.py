@@ -53,3 +53,32 @@ def batch(lengths=(40, 25, 33), seed: int = 1):
         ids[i, T - n :] = torch.randint(3, VOCAB, (n,), generator=g)
         mask[i, T - n :] = 1
     return ids, mask
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (ids < 128, matching the tiny models), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
