@@ -199,6 +199,8 @@ def kvshrink_attention(module, query, key, value, attention_mask, scaling=None, 
     cache = kwargs.pop("kvshrink_cache", None)
     layer = cache.layers[module.layer_idx] if isinstance(cache, KVShrinkCache) else None
     mask = attention_mask if layer is None else layer.attention_mask(query.shape[-2], attention_mask)
+    if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per-KV-head validity -> query heads
+        mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if layer is not None and layer.pending is not None:
         if scaling is None:
