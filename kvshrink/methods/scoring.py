@@ -37,7 +37,11 @@ def attention_scores(
 
 
 def pool(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
-    """1-D pooling along tokens with 'same' padding (SnapKV's clustering of votes)."""
+    """1-D pooling along tokens with 'same' padding (SnapKV's clustering of votes).
+
+    As in SnapKV's and KVCache-Factory's reference code (``F.avg_pool1d`` with its default
+    ``count_include_pad=True``), average pooling counts the zero padding at both ends, so edge tokens
+    are averaged over ``kernel`` slots; max pooling ignores the padding."""
     if kernel <= 1:
         return scores
     shape = scores.shape
@@ -45,7 +49,7 @@ def pool(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
     if kind == "max":
         y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
     else:
-        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
     return y[..., : shape[-1]].reshape(shape)
 
 
@@ -57,3 +61,16 @@ def topk_keep(scores: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.T
         s = s.masked_fill(forced & valid, float("inf"))
     idx = s.topk(k, dim=-1).indices
     return idx.sort(dim=-1).values
+
+
+def recent_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, H, T]`` True on the last ``n`` stored positions: the most recent tokens, as the cache keeps
+    tokens in position order and pads on the left (``topk_keep`` never forces a padding token)."""
+    T = valid.shape[-1]
+    pos = torch.arange(T, device=valid.device)
+    return (pos >= T - n).expand_as(valid)
+
+
+def first_valid_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, H, T]`` True on the first ``n`` *real* tokens of each row (left padding is skipped)."""
+    return valid & (valid.long().cumsum(-1) <= n)
