@@ -1,7 +1,8 @@
 """The shared quantiser: min/max (asymmetric) and absmax (symmetric) uniform quantisation over
 groups, and bit-packing of low-bit codes into bytes.
 
-Every quantising codec (KIVI, int8/int4, GEAR) builds on these three functions; none of them
+Every quantising codec (KIVI, int8/int4, GEAR) builds on these functions and on
+``GroupQuantEncoder`` (grouped quantisation of a ``[B, H, T, D]`` chunk, bit-packed); none of them
 re-implements rounding or packing.
 
 Asymmetric, for a group ``x`` with ``b`` bits (KIVI eq. 1):
@@ -14,6 +15,8 @@ so ``|x - x'| <= s / 2``.
 from __future__ import annotations
 
 import torch
+
+from kvshrink.methods.base import Encoder, Payload
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI and llama.cpp store them
 _TINY = 1e-8
@@ -73,3 +76,74 @@ def unpack(p: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
     q = (p.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return q.reshape(*p.shape[:-1], p.shape[-1] * (8 // bits))
+
+
+# ------------------------------------------------------------------------------------ grouped encoder
+
+
+def channel_group(group: int, head_dim: int) -> int:
+    """The channel group a per-token quantiser uses: ``group`` when it divides ``head_dim``, else
+    the whole head dim (``group=0`` also means the whole head dim)."""
+    return group if group and head_dim % group == 0 else head_dim
+
+
+class GroupQuantEncoder(Encoder):
+    """Uniform quantisation of ``[B, H, T, D]`` in groups, codes bit-packed along the head dim.
+
+    - ``along="tokens"``: a group is ``group`` consecutive tokens of one channel, so each channel
+      has its own scale/zero per group (KIVI's per-channel keys). ``chunk = group``.
+    - ``along="channels"``: a group is ``group`` consecutive channels of one token
+      (``channel_group``: the whole head dim when ``group`` does not divide it). ``chunk = 1``.
+
+    Payload, leading dims ``[B, H]``: ``q`` packed codes ``[B, H, T, D * bits / 8]`` uint8;
+    ``scale`` (and ``zero`` when asymmetric) ``SCALE_DTYPE``, ``[B, H, T / group, D]`` along tokens
+    or ``[B, H, T, D / group]`` along channels.
+    """
+
+    def __init__(self, bits: int, group: int, along: str, symmetric: bool = False):
+        if along not in ("tokens", "channels"):
+            raise ValueError(f"along must be 'tokens' or 'channels', got {along!r}")
+        if along == "tokens" and group < 1:
+            raise ValueError("a token group needs group >= 1")
+        self.bits, self.group, self.along, self.symmetric = bits, group, along, symmetric
+        self.chunk = group if along == "tokens" else 1
+
+    def _grouped(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        B, H, T, D = x.shape
+        if self.along == "tokens":
+            return x.reshape(B, H, T // self.group, self.group, D), -2
+        g = channel_group(self.group, D)
+        return x.reshape(B, H, T, D // g, g), -1
+
+    def encode(self, x: torch.Tensor) -> Payload:
+        B, H, T, D = x.shape
+        if self.along == "tokens" and T % self.group:
+            raise ValueError(f"encode needs a multiple of {self.group} tokens, got {T}")
+        xg, dim = self._grouped(x)
+        if self.symmetric:
+            q, scale = quantize_sym(xg, self.bits, dim)
+            p = {"scale": scale.squeeze(dim)}
+        else:
+            q, scale, zero = quantize_asym(xg, self.bits, dim)
+            p = {"scale": scale.squeeze(dim), "zero": zero.squeeze(dim)}
+        p["q"] = pack(q.reshape(B, H, T, D), self.bits)
+        return p
+
+    def decode(self, p: Payload, dtype: torch.dtype) -> torch.Tensor:
+        q = unpack(p["q"], self.bits)
+        qg, dim = self._grouped(q)
+        scale = p["scale"].unsqueeze(dim)
+        if self.symmetric:
+            x = dequantize_sym(qg, scale, self.bits, dtype)
+        else:
+            x = dequantize_asym(qg, scale, p["zero"].unsqueeze(dim), dtype)
+        return x.reshape(q.shape)
+
+    def bytes_per_token(self, head_dim: int, dtype_bytes: int) -> float:
+        tensors = 1 if self.symmetric else 2
+        meta_bytes = torch.finfo(SCALE_DTYPE).bits // 8
+        if self.along == "tokens":
+            groups_per_token = head_dim / self.group
+        else:
+            groups_per_token = head_dim // channel_group(self.group, head_dim)
+        return head_dim * self.bits / 8 + tensors * meta_bytes * groups_per_token
