@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/kvshrink demo
 
 lint: install
-	$(BIN)/ruff check kvshrink tests benchmarks
+	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/python -m pytest tests

@@ -62,7 +62,28 @@ def _add_demo(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    pass  # owned by kvshrink/eval (issue 5)
+    p = sub.add_parser("eval", help="accuracy, negative samples and length drift of methods against 'full'")
+    _model_args(p)
+    p.add_argument("--method", action="append", default=None, help="method spec (repeat); 'full' runs as reference")
+    p.add_argument("--task", action="append", required=True,
+                   help="needle | wiki-qa | kv-retrieval | summarize | chat | longbench:DIR | hardset:FILE (repeat)")
+    p.add_argument("--limit", type=int, default=None, help="samples per task (spread evenly over lengths/depths)")
+    p.add_argument("--out", required=True, help="run directory (resumed when the configuration matches)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's own output limit")
+    p.add_argument("--no-reference", action="store_true", help="do not run 'full' as the reference")
+    p.add_argument("--lengths", default="1024,2048,4096",
+                   help="context lengths in tokens, comma-separated (longbench: middle-truncated to the largest)")
+    p.add_argument("--neg-threshold", type=float, default=0.1, help="negative when score <= reference x (1 - t)")
+    p.add_argument("--neg-filter", choices=("median", "mean"), default="median",
+                   help="reference must score >= the task's median or mean reference score")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(a):
+        from kvshrink.eval.runner import run
+
+        return run(a)
+
+    p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------------------------- bench
@@ -74,16 +95,78 @@ def _add_bench(sub) -> None:
 
 
 def _add_bench_throughput(bsub) -> None:
-    pass  # owned by kvshrink/bench/throughput.py (issue 4)
+    p = bsub.add_parser("throughput", help="engine throughput per method (serving, fixed batch/length, step)")
+    _model_args(p)
+    p.add_argument("--method", action="append", help="method spec (repeatable); full is always included")
+    p.add_argument("--kv-memory", default=None, help="KV pool bytes, e.g. 512MiB (default: ~4 uncompressed seqs)")
+    p.add_argument("--mode", choices=["fixed-batch", "fixed-length", "serving", "step"], default="serving")
+    p.add_argument("--out", default="runs/throughput")
+    p.add_argument("--quick", action="store_true", help="small workloads (~2 min)")
+    p.add_argument("--compare-hf", action="store_true", help="also run plain HF generate one request at a time")
+
+    def run(a):
+        from kvshrink.bench.throughput import run_throughput
+
+        return run_throughput(a)
+
+    p.set_defaults(func=run)
 
 
 def _add_bench_serve(bsub) -> None:
-    pass  # owned by kvshrink/bench/serve.py (issue 7)
+    p = bsub.add_parser("serve", help="load-test an OpenAI-compatible server (vLLM bench serve metrics); "
+                        "--launch compares methods on kvshrink's own server")
+    p.add_argument("--base-url", default=None, help="server to test, e.g. http://127.0.0.1:8000 (not with --launch)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name sent in requests (and tokenizer default)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for datasets and token counts (default: --model)")
+    p.add_argument("--dataset", default="random", help="random | sharegpt:FILE | task:NAME (task:chat)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--request-rate", default="inf", help="requests/s, 'inf', or a comma list: 1,2,4")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1 = Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs: ttft:MS tpot:MS e2el:MS")
+    p.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (fixed output lengths)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--launch", action="store_true", help="start kvshrink's server once per --method")
+    p.add_argument("--method", action="append", default=None, help="method spec (repeat; with --launch)")
+    p.add_argument("--kv-memory", default="1GiB", help="KV pool of each launched server")
+    p.add_argument("--device", default=None, help="device of launched servers")
+    p.add_argument("--dtype", default=None, help="dtype of launched servers")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for a launched server")
+
+    def run(a):
+        from kvshrink.bench.serve import run_bench_serve
+
+        return run_bench_serve(a)
+
+    p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------------------------- serve
 def _add_serve(sub) -> None:
-    pass  # owned by kvshrink/serve (issue 7)
+    p = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, metrics) over the engine")
+    _model_args(p)
+    p.add_argument("--method", default="full", help="method spec, e.g. 'snapkv:ratio=0.5+kivi:bits=4'")
+    p.add_argument("--kv-memory", default="1GiB", help="KV pool size, e.g. 512MiB, 2GiB or a byte count")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-waiting", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get after SIGTERM")
+
+    def run(a):
+        from kvshrink.serve.app import serve
+
+        return serve(a)
+
+    p.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

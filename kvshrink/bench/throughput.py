@@ -1,0 +1,245 @@
+"""``kvshrink bench throughput``: the engine's throughput per method, side by side in one process.
+
+Modes
+- ``serving``: workloads of requests admitted as memory allows under a KV pool sized (by default) to
+  hold about 4 uncompressed sequences at final length: ``decode-heavy`` (many ~512+512 requests,
+  ``ignore_eos``) and ``long-prompt`` (~2k prompt + 128 output).
+- ``fixed-batch``: decode throughput vs batch size at a fixed prompt/output length.
+- ``fixed-length``: decode throughput vs context length at a fixed batch.
+- ``step``: a decode-step micro-benchmark at equal batch and context (e.g. kivi-4 vs full).
+
+Every run is a row of kvshrink.results' format (records.jsonl, summary.json with ``runs``, summary.csv);
+ratios are to ``full`` measured in the same invocation. ``--compare-hf`` adds plain HF ``generate``, one
+request at a time, on a subset of the same requests.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from kvshrink.engine import Engine, SamplingParams, reset_timers, timers
+from kvshrink.results import Records, open_run, write_csv, write_json_atomic
+
+WORKLOADS = {  # name: (requests, prompt, output) at full size / --quick
+    "decode-heavy": ((64, 512, 512), (12, 128, 128)),
+    "long-prompt": ((32, 2048, 128), (6, 512, 32)),
+}
+
+
+def _requests(n: int, prompt: int, output: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = max(8, int(prompt * rng.uniform(0.85, 1.15)))
+        o = max(4, int(output * rng.uniform(0.85, 1.15)))
+        out.append(([rng.randrange(3, vocab) for _ in range(p)], o))
+    return out
+
+
+def _fp_token_bytes(model) -> int:
+    c = model.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * d * next(model.parameters()).element_size()
+
+
+def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 32, max_batch: int = 256,
+               progress=None) -> dict:
+    """Run all requests through the engine; returns the measurements of one run."""
+    eng = Engine(model, tok, method=method, kv_memory=kv_memory, block_size=block_size, max_batch=max_batch)
+    reset_timers()
+    for p, o in reqs:
+        eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True))
+    peak_c = peak_b = 0
+    comp = []
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        outs = eng.step()
+        s = eng.stats()
+        peak_c, peak_b = max(peak_c, s.running), max(peak_b, s.kv_bytes_used)
+        if s.running:
+            comp.append(s.compression)
+        if progress is not None:
+            progress.update(sum(len(o.new_token_ids) for o in outs))
+    wall = time.perf_counter() - t0
+    s = eng.stats()
+    t = timers()
+    gen = s.generation_tokens
+    prefill_t = t.get("prefill", 0.0)
+    decode_t = t.get("decode", 0.0)
+    n_prefills = len(reqs) + s.preemptions
+    return {
+        "method": method, "requests": len(reqs), "wall_s": wall, "output_tokens": gen,
+        "prompt_tokens": s.prompt_tokens, "tokens_per_s": gen / wall,
+        "total_tokens_per_s": (gen + sum(len(p) for p, _ in reqs)) / wall,
+        "prefill_tokens_per_s": s.prompt_tokens / prefill_t if prefill_t else None,
+        "decode_tokens_per_s": (gen - n_prefills) / decode_t if decode_t else None,
+        "peak_concurrency": peak_c, "peak_kv_bytes": peak_b, "kv_bytes_total": s.kv_bytes_total,
+        "preemptions": s.preemptions, "compression": sum(comp) / len(comp) if comp else 1.0,
+        "time_breakdown_s": {k: round(v, 3) for k, v in sorted(t.items())},
+    }
+
+
+def run_hf(model, reqs) -> dict:
+    """Plain HF generate, one request at a time (DynamicCache, greedy, fixed output length)."""
+    t0 = time.perf_counter()
+    gen = 0
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for p, o in reqs:
+            ids = torch.tensor([p], device=dev)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o, min_new_tokens=o,
+                                 do_sample=False, pad_token_id=0)
+            gen += out.shape[1] - len(p)
+    wall = time.perf_counter() - t0
+    return {"method": "hf-generate (one at a time)", "requests": len(reqs), "wall_s": wall, "output_tokens": gen,
+            "tokens_per_s": gen / wall, "total_tokens_per_s": (gen + sum(len(p) for p, _ in reqs)) / wall,
+            "peak_concurrency": 1}
+
+
+def decode_step_ms(model, method: str, batch: int, context: int, steps: int, vocab: int) -> dict:
+    """Mean wall time of an engine decode step with ``batch`` sequences at ``context`` tokens."""
+    reqs = _requests(batch, context, steps + 4, vocab, seed=1)
+    reqs = [(p[:context] + [5] * max(0, context - len(p)), steps + 4) for p, _ in reqs]
+    kv = int(batch * (context + steps + 8) * _fp_token_bytes(model) * 1.3) + (64 << 20)
+    eng = Engine(model, method=method, kv_memory=kv, max_batch=batch)
+    for p, o in reqs:
+        eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True))
+    while len([r for r in eng.scheduler.running if r.output]) < batch or eng.scheduler.waiting:
+        eng.step()
+    eng.step()  # warm-up decode
+    reset_timers()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    ms = (time.perf_counter() - t0) / steps * 1000
+    t = timers()
+    while eng.has_unfinished():
+        for r in list(eng.scheduler.running):
+            eng.abort(r.request_id)
+        eng.step()
+    return {"method": method, "workload": f"step-b{batch}-c{context}", "batch": batch, "context": context,
+            "step_ms": ms, "time_breakdown_ms": {k: round(v / steps * 1000, 2) for k, v in sorted(t.items())}}
+
+
+def run_throughput(a) -> int:
+    from tqdm import tqdm
+
+    from kvshrink.models import load_model
+
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
+    vocab = min(model.config.vocab_size, 32000)
+    methods = list(dict.fromkeys(["full", *(a.method or ["kivi:bits=4", "kivi:bits=2"])]))
+    config = {"command": "bench throughput", "model": a.model, "methods": methods, "mode": a.mode,
+              "kv_memory": a.kv_memory, "quick": a.quick, "compare_hf": a.compare_hf}
+    out = open_run(a.out, config)
+    records = Records(out / "records.jsonl")
+    runs: list[dict] = []
+    fpt = _fp_token_bytes(model)
+    q = 1 if a.quick else 0
+
+    def pool_for(prompt: int, output: int) -> int:
+        from kvshrink.engine import parse_bytes
+
+        return parse_bytes(a.kv_memory) if a.kv_memory else int(4 * (prompt + output) * fpt * 1.05)
+
+    def record(row: dict) -> None:
+        records.append(row)
+        runs.append(row)
+
+    if a.mode == "serving":
+        for wl, sizes in WORKLOADS.items():
+            n, n_prompt, n_out = sizes[q]
+            reqs = _requests(n, n_prompt, n_out, vocab)
+            kv = pool_for(n_prompt, n_out)
+            total = sum(o for _, o in reqs)
+            for m in methods:
+                with tqdm(total=total, desc=f"{wl} {m}", unit="tok", leave=False) as bar:
+                    row = run_engine(model, tok, m, reqs, kv, progress=bar)
+                row.update(workload=wl, kv_memory=kv)
+                record(row)
+            if a.compare_hf:
+                sub = reqs[: max(2, n // 8)]
+                row = run_hf(model, sub)
+                row.update(workload=wl)
+                record(row)
+    elif a.mode == "fixed-batch":
+        n_prompt, n_out = (256, 32) if a.quick else (512, 64)
+        for b in ([1, 4, 16] if a.quick else [1, 2, 4, 8, 16, 32]):
+            reqs = _requests(b, n_prompt, n_out, vocab, seed=b)
+            reqs = [(p, n_out) for p, _ in reqs]
+            kv = int(b * (n_prompt * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
+            for m in methods:
+                row = run_engine(model, tok, m, reqs, kv)
+                row.update(workload=f"fixed-batch-{b}", batch=b, context=n_prompt)
+                record(row)
+    elif a.mode == "fixed-length":
+        B, n_out = (4, 16) if a.quick else (4, 32)
+        for ctx in ([256, 1024] if a.quick else [256, 512, 1024, 2048, 4096, 8192]):
+            reqs = [(p, n_out) for p, _ in _requests(B, ctx, n_out, vocab, seed=ctx)]
+            kv = int(B * (ctx * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
+            for m in methods:
+                row = run_engine(model, tok, m, reqs, kv)
+                row.update(workload=f"fixed-length-{ctx}", batch=B, context=ctx)
+                record(row)
+    elif a.mode == "step":
+        B, C, S = (8, 512, 8) if a.quick else (16, 1024, 16)
+        for m in methods:
+            record(decode_step_ms(model, m, B, C, S, vocab))
+    # ratios to full from the same run
+    for row in runs:
+        base = next((r for r in runs if r["method"] == "full" and r.get("workload") == row.get("workload")), None)
+        key = "step_ms" if a.mode == "step" else "tokens_per_s"
+        if base and row.get(key) and base.get(key):
+            row["ratio_to_full"] = row[key] / base[key]
+            if row.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
+                row["decode_ratio_to_full"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        else:
+            row["ratio_to_full"] = None
+    for row in runs:
+        for k in ("tokens_per_s", "decode_tokens_per_s", "peak_concurrency", "peak_kv_bytes"):
+            row.setdefault(k, None)
+    write_json_atomic(out / "summary.json", {"config": config, "runs": runs})
+    write_csv(out / "summary.csv", runs)
+    try:
+        from kvshrink.bench.plots import plot_throughput
+
+        plot_throughput(runs, out, a.mode)
+    except Exception as e:  # noqa: BLE001 - plots are a convenience
+        print(f"plots skipped: {e}")
+    _print_table(runs, a.mode)
+    print(f"results in {out}")
+    return 0
+
+
+def _print_table(runs: list[dict], mode: str) -> None:
+    if mode == "step":
+        print(f"{'method':28s} {'workload':18s} {'step_ms':>8s} {'ratio':>6s}")
+        for r in runs:
+            print(f"{r['method']:28s} {r['workload']:18s} {r['step_ms']:8.1f} {r['ratio_to_full'] or 0:6.2f}")
+        return
+    print(f"{'workload':16s} {'method':28s} {'tok/s':>7s} {'dec tok/s':>9s} {'pre tok/s':>9s} {'conc':>4s} "
+          f"{'peakKV MB':>9s} {'compr':>5s} {'preempt':>7s} {'x full':>6s}")
+    for r in runs:
+        def f(x, fmt):
+            return format(x, fmt) if isinstance(x, (int, float)) else "-"
+        print(f"{r.get('workload', ''):16s} {r['method']:28s} {f(r['tokens_per_s'], '7.1f')} "
+              f"{f(r.get('decode_tokens_per_s'), '9.1f')} {f(r.get('prefill_tokens_per_s'), '9.0f')} "
+              f"{f(r.get('peak_concurrency'), '4d')} {f((r.get('peak_kv_bytes') or 0) / 1e6, '9.1f')} "
+              f"{f(r.get('compression'), '5.2f')} {f(r.get('preemptions'), '7d')} {f(r.get('ratio_to_full'), '6.2f')}")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--method", action="append", help="method spec (repeatable); full is always included")
+    p.add_argument("--kv-memory", default=None, help="KV pool bytes (default: ~4 uncompressed sequences)")
+    p.add_argument("--mode", choices=["fixed-batch", "fixed-length", "serving", "step"], default="serving")
+    p.add_argument("--out", default="runs/throughput")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--compare-hf", action="store_true")
+
+
+__all__ = ["add_arguments", "decode_step_ms", "run_engine", "run_hf", "run_throughput"]
+_ = Path

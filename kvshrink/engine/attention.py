@@ -1,0 +1,297 @@
+"""Attention over paged compressed blocks, and the per-layer store/select/encode that follows it.
+
+Decode, per layer (``decode_attention``): gather the batch's blocks with one ``index_select`` per
+payload field, decode them in one vectorised call into ``[B, H, Lmax, D]`` for this layer only,
+scatter each sequence's full-precision residual and the new token into their token positions, then
+SDPA with a key-padding mask (GQA through ``enable_gqa``). Stored tokens sit in *stored order*
+(blocks, then residual): attention does not care about order, and it is the order the selectors see.
+
+Prefill (``prefill_attention``): one sequence ``[1, T]``, causal SDPA over its own full-precision
+keys; the selector's statistics (``scoring.attention_scores``) only when it needs them; the kept
+tokens go through the codec's stream policy into blocks and the residual ring.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from kvshrink.engine.pool import KVStore
+from kvshrink.methods.base import SelectionInput
+from kvshrink.methods.scoring import attention_scores
+
+TIMERS: dict[str, float] = defaultdict(float)
+
+
+class _Timer:
+    def __init__(self, name: str, sync: bool = False):
+        self.name, self.sync = name, sync
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        TIMERS[self.name] += time.perf_counter() - self.t
+
+
+def timed(name: str) -> _Timer:
+    return _Timer(name)
+
+
+class StepPlan:
+    """Index tensors for a batch of slots, built once per step (or once per compaction)."""
+
+    def __init__(self, store: KVStore, slots: list[int], new_token: bool):
+        self.store, self.slots, self.B = store, slots, len(slots)
+        self.new_token = new_token
+        st = store
+        metas = [st.meta[s] for s in slots]
+        self.slots_t = torch.tensor(slots, dtype=torch.long)
+        self.nk = torch.tensor([m.nk for m in metas], dtype=torch.long)  # [B, L]
+        self.nv = torch.tensor([m.nv for m in metas], dtype=torch.long)
+        self.ks = torch.tensor([m.ks for m in metas], dtype=torch.long)
+        self.kl = torch.tensor([m.kl for m in metas], dtype=torch.long)
+        self.vs = torch.tensor([m.vs for m in metas], dtype=torch.long)
+        self.vl = torch.tensor([m.vl for m in metas], dtype=torch.long)
+        self.n = torch.tensor([m.n for m in metas], dtype=torch.long)
+        self.ek = self.ev = None
+        if new_token:
+            self._plan_growth(metas)
+        nblk = torch.tensor([[len(b) for b in m.blocks] for m in metas], dtype=torch.long)
+        self.nb = nblk.amax(0).tolist()  # per layer
+        extra = 1 if new_token else 0
+        self.lcap = torch.maximum(nblk * st.bs, self.n + extra).amax(0).tolist()
+        nbmax = max(self.nb) if self.nb else 0
+        dev = st.device
+        self.tables = st.table[self.slots_t, :, : max(nbmax, 1)].to(dev)
+        self.slots_d = self.slots_t.to(dev)
+        self.nk_d, self.nv_d, self.ks_d, self.kl_d = (t.to(dev) for t in (self.nk, self.nv, self.ks, self.kl))
+        self.vs_d, self.vl_d, self.n_d = (t.to(dev) for t in (self.vs, self.vl, self.n))
+        self.arange_b = torch.arange(self.B, device=dev)
+        self.acc: torch.Tensor | None = None
+        self.layer_cache: dict = {}
+
+    def _plan_growth(self, metas) -> None:
+        """How many tokens each stream encodes this step, per sequence and layer; blocks are taken now."""
+        st = self.store
+        if st.k.ring:
+            self.ek = torch.tensor(st.k.lut)[self.kl + 1]
+        else:
+            self.ek = torch.ones_like(self.nk)
+        if st.v.ring:
+            self.ev = torch.tensor(st.v.lut)[self.vl + 1]
+        else:
+            self.ev = torch.ones_like(self.nv)
+        upto = torch.maximum(self.nk + self.ek, self.nv + self.ev)
+        self.upto = upto
+
+    def blocks_needed(self) -> torch.Tensor:
+        """[B] blocks each sequence needs this step."""
+        st = self.store
+        have = torch.tensor([[len(b) for b in st.meta[s].blocks] for s in self.slots], dtype=torch.long)
+        return ((self.upto + st.bs - 1) // st.bs - have).clamp_min(0).sum(1)
+
+    def allocate(self) -> None:
+        st = self.store
+        for b, s in enumerate(self.slots):
+            for layer, upto in enumerate(self.upto[b].tolist()):
+                st.ensure_blocks(s, layer, upto)
+        # tables may have grown
+        nblk = torch.tensor([[len(b) for b in st.meta[s].blocks] for s in self.slots], dtype=torch.long)
+        self.nb = nblk.amax(0).tolist()
+        self.lcap = torch.maximum(nblk * st.bs, self.n + 1).amax(0).tolist()
+        self.tables = st.table[self.slots_t, :, : max(max(self.nb), 1)].to(st.device)
+
+    def finish(self) -> None:
+        """Write the step's new counters back to the slots' metadata."""
+        st = self.store
+        nk = self.nk + self.ek
+        nv = self.nv + self.ev
+        n = self.n + 1
+        if st.k.ring:
+            kl = self.kl + 1 - self.ek
+            ks = (self.ks + self.ek) % st.k.ring
+        else:
+            kl, ks = self.kl, self.ks
+        if st.v.ring:
+            vl = self.vl + 1 - self.ev
+            vs = (self.vs + self.ev) % st.v.ring
+        else:
+            vl, vs = self.vl, self.vs
+        cols = [t.tolist() for t in (nk, nv, ks, kl, vs, vl, n)]
+        for b, s in enumerate(self.slots):
+            m = st.meta[s]
+            m.nk, m.nv, m.ks, m.kl, m.vs, m.vl, m.n = (c[b] for c in cols)
+        if self.acc is not None:
+            for b, s in enumerate(self.slots):
+                a = st.meta[s].acc
+                if a is not None:
+                    a.copy_(self.acc[b, :, :, : a.shape[-1]])
+
+
+def gather_tokens(plan: StepPlan, side: str, layer: int) -> torch.Tensor:
+    """[B, H, Lcap + 1, D]: the stored tokens of ``layer`` in stored order (blocks, then residual),
+    zeros or stale values beyond each sequence's count (masked), the last column a scratch slot."""
+    st = plan.store
+    B, H, D, bs = plan.B, st.H, st.D, st.bs
+    nb, Lc = plan.nb[layer], plan.lcap[layer]
+    out = torch.empty(B, H, Lc + 1, D, dtype=st.dtype, device=st.device)
+    if nb:
+        with timed("decode.gather_dequant"):
+            ids = plan.tables[:, layer, :nb].reshape(-1)
+            dec = st.read_blocks(side, ids)  # [B*nb, H, bs, D]
+            out[:, :, : nb * bs].view(B, H, nb, bs, D).copy_(dec.view(B, nb, H, bs, D).transpose(1, 2))
+    out[:, :, nb * bs :].zero_()
+    ring = st.k.ring if side == "k" else st.v.ring
+    if ring:
+        res_t = st.kres if side == "k" else st.vres
+        start = (plan.ks_d if side == "k" else plan.vs_d)[:, layer]
+        length = (plan.kl_d if side == "k" else plan.vl_d)[:, layer]
+        base = (plan.nk_d if side == "k" else plan.nv_d)[:, layer]
+        res = res_t[layer].index_select(0, plan.slots_d)  # [B, H, ring, D]
+        rel = (torch.arange(ring, device=st.device)[None, :] - start[:, None]) % ring
+        tgt = torch.where(rel < length[:, None], base[:, None] + rel, torch.full_like(rel, Lc))
+        out.scatter_(2, tgt[:, None, :, None].expand(B, H, ring, D), res)
+    return out
+
+
+def commit_decode(plan: StepPlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Store this step's token of every sequence (``key``/``value`` [B, H, 1, D]) for ``layer``."""
+    st = plan.store
+    for side, x in (("k", key), ("v", value)):
+        lay = st.k if side == "k" else st.v
+        enc_counts = (plan.ek if side == "k" else plan.ev)[:, layer]
+        base = (plan.nk if side == "k" else plan.nv)[:, layer].tolist()
+        if not lay.ring:
+            st.write_encoded(side, plan.slots, layer, base, x)
+            continue
+        res_t = st.kres if side == "k" else st.vres
+        start_d = (plan.ks_d if side == "k" else plan.vs_d)[:, layer]
+        len_d = (plan.kl_d if side == "k" else plan.vl_d)[:, layer]
+        res_t[layer][plan.slots_d, :, (start_d + len_d) % lay.ring] = x[:, :, 0]
+        counts = enc_counts.tolist()
+        if not any(counts):
+            continue
+        starts = (plan.ks if side == "k" else plan.vs)[:, layer].tolist()
+        groups: dict[int, list[int]] = defaultdict(list)
+        for b, c in enumerate(counts):
+            if c:
+                groups[c].append(b)
+        for n, rows in groups.items():
+            slots = [plan.slots[b] for b in rows]
+            pos = (torch.tensor([starts[b] for b in rows])[:, None] + torch.arange(n)[None, :]) % lay.ring
+            xs = res_t[layer][torch.tensor(slots, device=st.device)[:, None], :, pos.to(st.device)]  # [G, n, H, D]
+            st.write_encoded(side, slots, layer, [base[b] for b in rows], xs.transpose(1, 2))
+
+
+def decode_attention(plan: StepPlan, module, query, key, value, scaling, needs_acc: bool):
+    st = plan.store
+    layer = module.layer_idx
+    B = plan.B
+    with timed("decode.kv_build"):
+        K = gather_tokens(plan, "k", layer)
+        V = gather_tokens(plan, "v", layer)
+        n = plan.n_d[:, layer]
+        K[plan.arange_b, :, n] = key[:, :, 0]
+        V[plan.arange_b, :, n] = value[:, :, 0]
+        Lt = K.shape[2]
+        valid = torch.arange(Lt, device=st.device)[None, :] <= n[:, None]  # [B, Lt]
+    with timed("decode.sdpa"):
+        if needs_acc:
+            g = query.shape[1] // K.shape[1]
+            Kr = K.repeat_interleave(g, 1)
+            Vr = V.repeat_interleave(g, 1)
+            logits = torch.matmul(query.float(), Kr.float().transpose(-1, -2)) * scaling
+            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out = torch.matmul(probs.to(Vr.dtype), Vr)
+            if plan.acc is not None:
+                w = min(Lt, plan.acc.shape[-1])
+                plan.acc[:, layer, :, :w] += probs[:, :, 0, :w]
+        else:
+            out = F.scaled_dot_product_attention(
+                query, K, V, attn_mask=valid[:, None, None, :], scale=scaling, enable_gqa=True
+            )
+    with timed("decode.commit"):
+        commit_decode(plan, layer, key, value)
+    del B
+    return out.transpose(1, 2).contiguous()
+
+
+def _selection_input(valid, head_scores, layer, num_layers, H):
+    scores = None
+    if head_scores is not None:
+        B, Hq, T = head_scores.shape
+        scores = head_scores.view(B, H, Hq // H, T).mean(2)
+    return SelectionInput(length=valid.shape[-1], layer=layer, num_layers=num_layers, valid=valid,
+                          scores=scores, head_scores=head_scores)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def prefill_attention(ctx, module, query, key, value, scaling):
+    """One sequence: causal SDPA over its own keys, then select and store (see module docstring)."""
+    st: KVStore = ctx.store
+    layer = module.layer_idx
+    slot = ctx.slot
+    sel = st.method.selector
+    T = key.shape[-2]
+    with timed("prefill.sdpa"):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    with timed("prefill.select_store"):
+        budget = sel.budget(T, layer, st.L)
+        hold = budget if budget is not None else (getattr(sel, "budget_tokens", 0) or None)
+        if not sel.evicts_in_decode:
+            hold = None
+        head_scores = None
+        prune = budget is not None and budget < T
+        if sel.needs == "window" and prune:
+            w = min(sel.observation_window, T)
+            head_scores = attention_scores(query[..., -w:, :], key, scaling)
+        elif sel.needs == "accumulated" and (prune or hold is not None):
+            head_scores = attention_scores(query, key, scaling)
+        k, v = key, value
+        if prune:
+            valid = torch.ones(1, st.H, T, dtype=torch.bool, device=key.device)
+            idx = sel.select(_selection_input(valid, head_scores, layer, st.L, st.H), budget)
+            k, v = _take(key, idx), _take(value, idx)
+            if head_scores is not None and sel.needs == "accumulated":
+                head_scores = head_scores.gather(2, idx.repeat_interleave(st.Hq // st.H, dim=1))
+        st.store(slot, layer, k, v)
+        m = st.meta[slot]
+        m.hold[layer] = hold
+        if hold is not None and sel.needs == "accumulated":
+            if m.acc is None:
+                cap = ctx.acc_cap
+                m.acc = torch.zeros(st.L, st.Hq, cap, dtype=torch.float32, device=key.device)
+            n = k.shape[-2]
+            m.acc[layer, :, :n] = head_scores[0, :, :n]
+    return out.transpose(1, 2).contiguous()
+
+
+def compact(store: KVStore, slot: int, layer: int) -> None:
+    """Evict down to the layer's hold (H2O, StreamingLLM while decoding): decode the layer's tokens,
+    let the selector choose, re-encode the kept ones into fresh blocks (as the HF path's ``keep``)."""
+    st = store
+    m = st.meta[slot]
+    hold = m.hold[layer]
+    plan = StepPlan(st, [slot], new_token=False)
+    n = m.n[layer]
+    K = gather_tokens(plan, "k", layer)[:, :, :n]
+    V = gather_tokens(plan, "v", layer)[:, :, :n]
+    sel = st.method.selector
+    head_scores = m.acc[layer : layer + 1, :, :n] if m.acc is not None else None
+    valid = torch.ones(1, st.H, n, dtype=torch.bool, device=K.device)
+    idx = sel.select(_selection_input(valid, head_scores, layer, st.L, st.H), hold)
+    k, v = _take(K, idx), _take(V, idx)
+    if m.acc is not None:
+        kept = head_scores.gather(2, idx.repeat_interleave(st.Hq // st.H, dim=1))[0]
+        m.acc[layer].zero_()
+        m.acc[layer, :, :hold] = kept
+    st.free_layer(slot, layer)
+    st.store(slot, layer, k.contiguous(), v.contiguous())

@@ -1,0 +1,300 @@
+"""The engine API: add requests, step, read outputs. One background thread may call ``step()`` in a
+loop while others call ``add_request``/``abort`` (a lock guards the state; an exception inside a step
+fails the requests it concerns with ``finish_reason="error"``, never the engine).
+
+Differences from the HF path (``kvshrink.compress``), each bounded by a test in tests/engine:
+- selectors that evict while decoding (H2O, StreamingLLM) evict lazily: the cache of a layer grows to
+  ``hold + evict_every`` tokens and is then cut back to ``hold`` in one selection (the HF path cuts
+  one token per step). ``evict_every=1`` reproduces the HF path; the default is ``block_size``.
+- everything else (selection at the end of prefill, codec stream policies, H2O's accumulated scores)
+  follows the HF path exactly; results differ only by floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+import uuid
+
+import torch
+
+from kvshrink.engine.attention import TIMERS, compact, timed
+from kvshrink.engine.pool import KVStore, parse_bytes
+from kvshrink.engine.runner import ModelRunner
+from kvshrink.engine.scheduler import Request, Scheduler
+from kvshrink.engine.types import EngineStats, RequestOutput, SamplingParams
+from kvshrink.methods import parse
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, method: str = "full", kv_memory: int | str = "1GiB",
+                 block_size: int = 32, max_batch: int = 256, chunked_prefill: int | None = None, device=None,
+                 evict_every: int | None = None):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if chunked_prefill is not None and chunked_prefill < 1:
+            raise ValueError(f"chunked_prefill must be >= 1 or None, got {chunked_prefill}")
+        if device is not None:
+            model = model.to(device)
+        self.model, self.tokenizer = model, tokenizer
+        self.method = parse(method)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        codec = self.method.codec
+        for enc in (codec.key_encoder(), codec.value_encoder()):  # a block holds whole encoder chunks
+            block_size = math.lcm(block_size, int(getattr(enc, "chunk", 1)))
+        self.block_size = block_size
+        self.evict_every = evict_every or block_size
+        self.store = KVStore(self.config, self.method, parse_bytes(kv_memory), block_size, max_batch, self.dtype,
+                             self.device)
+        self.runner = ModelRunner(model, self.store, self.evict_every)
+        self.scheduler = Scheduler(self.store, min(max_batch, self.store.max_slots), chunked_prefill or 4096)
+        self.max_context = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
+        self.eos = _eos_ids(model, tokenizer)
+        self._lock = threading.RLock()
+        self._requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._ids = itertools.count()
+        self._prompt_tokens = 0
+        self._gen_tokens = 0
+        self._max_prompt: int | None = None
+
+    # ------------------------------------------------------------------------------------- API
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt that can ever be admitted (pool and model context)."""
+        if self._max_prompt is None:
+            st = self.store
+            lo, hi = 0, self.max_context - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if st.blocks_for_prompt(mid) + st.L <= st.num_blocks:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            self._max_prompt = lo
+        return self._max_prompt
+
+    def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        sampling = sampling or SamplingParams()
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if len(ids) > self.max_prompt_tokens():
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the maximum of {self.max_prompt_tokens()} "
+                             f"(KV pool of {self.store.bytes_total} bytes under {self.method.spec}, model context "
+                             f"{self.max_context})")
+        vocab = getattr(self.config, "vocab_size", None)
+        if vocab and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+            if rid in self._requests:
+                raise ValueError(f"request_id {rid!r} already in use")
+            req = Request(rid, ids, sampling)
+            if sampling.temperature > 0:
+                req.generator = torch.Generator(device=self.device)
+                req.generator.manual_seed(sampling.seed if sampling.seed is not None else
+                                          int(torch.randint(0, 2**62, (1,)).item()))
+            self._requests[rid] = req
+            self.scheduler.add(req)
+            return rid
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.finished:
+                return
+            self.scheduler.remove(req)
+            self._finish(req, "abort")
+            self._pending.append(self._output(req))
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            st = self.store
+            stored = sum(sum(m.n) for m in st.meta.values())
+            fp = stored * st.fp_token_bytes // max(st.L, 1)
+            used = st.bytes_used
+            return EngineStats(
+                running=len(self.scheduler.running), waiting=len(self.scheduler.waiting), kv_bytes_used=used,
+                kv_bytes_total=st.bytes_total, blocks_used=st.pool.num_used, blocks_free=st.pool.num_free,
+                preemptions=self.scheduler.preemptions, compression=(fp / used) if used and fp else 1.0,
+                prompt_tokens=self._prompt_tokens, generation_tokens=self._gen_tokens,
+            )
+
+    def step(self) -> list[RequestOutput]:
+        with self._lock, torch.inference_mode():
+            outputs, self._pending = self._pending, []
+            touched: list[Request] = []
+            sch = self.scheduler
+            decode_batch = [r for r in sch.running if r.output and not r.finished]
+            with timed("schedule"):
+                admitted, never = sch.admit()
+            for req in never:
+                self._finish(req, "length", "sequence grew beyond what the KV pool can hold")
+                touched.append(req)
+            with self.runner.attention():
+                for req in admitted:
+                    touched.append(req)
+                    try:
+                        with timed("prefill"):
+                            ctx = req.context
+                            logits = self.runner.prefill(req.slot, ctx)
+                        req.prefills += 1
+                        self._prompt_tokens += len(ctx)
+                        self._accept(req, self._sample([req], logits[None])[0])
+                    except Exception as e:  # noqa: BLE001 - one request fails, never the engine
+                        sch.remove(req)
+                        self._finish(req, "error", f"{type(e).__name__}: {e}")
+                if decode_batch:
+                    with timed("schedule"):
+                        batch, plan, stuck = sch.plan_decode([r for r in decode_batch if r in sch.running])
+                    for req in stuck:
+                        self._finish(req, "length", "sequence grew beyond what the KV pool can hold")
+                        touched.append(req)
+                    if plan is not None:
+                        touched += batch
+                        try:
+                            with timed("decode"):
+                                logits = self.runner.decode(
+                                    plan, [r.output[-1] for r in batch], [len(r.context) - 1 for r in batch]
+                                )
+                            with timed("sample"):
+                                toks = self._sample(batch, logits)
+                            for r, t in zip(batch, toks):
+                                self._accept(r, t)
+                            with timed("compact"):
+                                self._compact([r for r in batch if not r.finished])
+                        except Exception as e:  # noqa: BLE001
+                            for r in batch:
+                                sch.remove(r)
+                                self._finish(r, "error", f"{type(e).__name__}: {e}")
+            for req in touched:
+                if req.finished and req.slot is not None:
+                    sch.remove(req)
+            seen = set()
+            for req in touched:
+                if req.request_id in seen or (not req.new_tokens and not req.finished):
+                    continue
+                if req in sch.waiting and not req.finished:  # preempted after producing tokens
+                    if not req.new_tokens:
+                        continue
+                seen.add(req.request_id)
+                outputs.append(self._output(req))
+            return outputs
+
+    def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
+        """Run prompts (token id lists, or strings with a tokenizer) to completion."""
+        if sampling is None:
+            sampling = SamplingParams()
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one")
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer")
+                p = self.tokenizer(p)["input_ids"]
+            ids.append(list(p))
+        with self._lock:
+            rids = [self.add_request(p, s) for p, s in zip(ids, params)]
+            reqs = [self._requests[r] for r in rids]
+        while any(not r.finished for r in reqs):
+            self.step()
+        out = []
+        for r in reqs:
+            d = {
+                "request_id": r.request_id, "token_ids": list(r.output), "finish_reason": r.finish_reason,
+                "prompt_tokens": len(r.prompt), "output_tokens": len(r.output),
+                "ttft_s": (r.first_token_time - r.arrival) if r.first_token_time else None,
+                "e2e_s": (r.finish_time - r.arrival) if r.finish_time else None, "error": r.error,
+            }
+            if self.tokenizer is not None:
+                d["text"] = self.tokenizer.decode(r.output, skip_special_tokens=True)
+            out.append(d)
+        return out
+
+    # ------------------------------------------------------------------------------- internals
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.finish_reason is None:
+            req.finish_reason, req.error = reason, error
+            req.finish_time = time.perf_counter()
+
+    def _output(self, req: Request) -> RequestOutput:
+        out = RequestOutput(req.request_id, list(req.new_tokens), req.finished, req.finish_reason, len(req.prompt),
+                            len(req.output), req.error)
+        req.new_tokens = []
+        if req.finished:
+            self._requests.pop(req.request_id, None)
+        return out
+
+    def _accept(self, req: Request, tok: int) -> None:
+        req.output.append(tok)
+        req.new_tokens.append(tok)
+        self._gen_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        sp = req.sampling
+        if (not sp.ignore_eos and tok in self.eos) or tok in sp.stop_token_ids:
+            self._finish(req, "stop")
+        elif len(req.output) >= sp.max_tokens or len(req.context) >= self.max_context:
+            self._finish(req, "length")
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        toks = logits.argmax(-1).tolist()
+        for i, r in enumerate(reqs):
+            sp = r.sampling
+            if sp.temperature <= 0:
+                continue
+            x = logits[i] / sp.temperature
+            probs = torch.softmax(x, -1)
+            if sp.top_p < 1.0:
+                sp_probs, idx = probs.sort(descending=True)
+                cum = sp_probs.cumsum(-1)
+                cut = cum - sp_probs > sp.top_p
+                sp_probs[cut] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, idx, sp_probs)
+            toks[i] = int(torch.multinomial(probs, 1, generator=r.generator).item())
+        return toks
+
+    def _compact(self, reqs: list[Request]) -> None:
+        st = self.store
+        if not self.method.selector.evicts_in_decode:
+            return
+        for r in reqs:
+            m = st.meta[r.slot]
+            for layer in range(st.L):
+                h = m.hold[layer]
+                if h is not None and m.n[layer] >= h + self.evict_every:
+                    compact(st, r.slot, layer)
+
+
+def reset_timers() -> None:
+    TIMERS.clear()
+
+
+def timers() -> dict[str, float]:
+    return dict(TIMERS)
