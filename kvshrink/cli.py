@@ -103,6 +103,7 @@ def _add_bench_throughput(bsub) -> None:
     p.add_argument("--out", default="runs/throughput")
     p.add_argument("--quick", action="store_true", help="small workloads (~2 min)")
     p.add_argument("--compare-hf", action="store_true", help="also run plain HF generate one request at a time")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")
 
     def run(a):
         from kvshrink.bench.throughput import run_throughput

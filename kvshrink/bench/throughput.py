@@ -130,6 +130,8 @@ def run_throughput(a) -> int:
 
     from kvshrink.models import load_model
 
+    if getattr(a, "threads", None):
+        torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     vocab = min(model.config.vocab_size, 32000)
     methods = list(dict.fromkeys(["full", *(a.method or ["kivi:bits=4", "kivi:bits=2"])]))
