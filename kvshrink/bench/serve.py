@@ -175,11 +175,13 @@ def plot_latency_cdf(rows: list[dict], path: Path, group_key: str = "group") -> 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     groups = sorted({r[group_key] for r in rows}, key=str)
     for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2el_ms"), ("TTFT", "TPOT", "E2E latency")):
+        allv = [r[key] for r in rows if r.get(key) is not None]
+        scale, unit = (1000.0, "s") if allv and max(allv) >= 10_000 else (1.0, "ms")
         for g in groups:
-            vals = np.sort([r[key] for r in rows if r[group_key] == g and r.get(key) is not None])
+            vals = np.sort([r[key] / scale for r in rows if r[group_key] == g and r.get(key) is not None])
             if len(vals):
                 ax.step(vals, np.arange(1, len(vals) + 1) / len(vals), where="post", label=str(g))
-        ax.set_xlabel(f"{title} (ms)")
+        ax.set_xlabel(f"{title} ({unit})")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
