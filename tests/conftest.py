@@ -82,3 +82,25 @@ def tiny_tokenizer():
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()
+
+
+def generate_with(model, spec: str, sample: bool):
+    """Six new tokens for a left-padded batch of 3 under ``spec``; returns (output, cache)."""
+    from kvshrink.cache import KVShrinkCache, compress
+
+    ids, mask = batch((40, 25, 33))
+    torch.manual_seed(0)
+    with compress(model, spec):
+        cache = KVShrinkCache.for_model(model, spec)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            pad_token_id=0,
+            do_sample=sample,
+            past_key_values=cache,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    return out, cache

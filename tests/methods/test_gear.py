@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-from kvshrink.cache import KVShrinkCache, compress
 from kvshrink.methods import SpecError, parse
 from kvshrink.methods.base import CodecState, payload_bytes
 from kvshrink.methods.gear import GEAR, low_rank
 from kvshrink.methods.quant import GroupQuantEncoder
-from tests.conftest import batch
+from tests.conftest import generate_with
 from tests.methods.test_quant import assert_within_bound
 
 B, H, D, T = 2, 3, 32, 16
@@ -137,21 +136,7 @@ def test_bytes_formula_and_measured(spec):
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("spec", ["gear", "gear:buffer=8", "gear:bits=2,rank=2,buffer=16,outlier=0.1"])
 def test_generate(model, spec, sample):
-    ids, mask = batch((40, 25, 33))
-    torch.manual_seed(0)
-    with compress(model, spec):
-        cache = KVShrinkCache.for_model(model, spec)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            min_new_tokens=6,
-            pad_token_id=0,
-            do_sample=sample,
-            past_key_values=cache,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+    out, cache = generate_with(model, spec, sample)
     assert out.sequences.shape == (3, 46)
     assert all(torch.isfinite(x).all() for x in out.logits)
     c, n = parse(spec).codec, 45

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from kvshrink.cache import KVShrinkCache, compress
 from kvshrink.methods import SpecError, parse
 from kvshrink.methods.base import CodecState, payload_bytes
 from kvshrink.methods.intq import Int4, Int8
-from tests.conftest import batch
+from tests.conftest import generate_with
 from tests.methods.test_quant import assert_within_bound
 
 B, H, D = 2, 3, 64
@@ -56,21 +55,7 @@ def test_int8_is_close():
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("spec", ["int8", "int4", "int4:group=8"])
 def test_generate(model, spec, sample):
-    ids, mask = batch((40, 25, 33))
-    torch.manual_seed(0)
-    with compress(model, spec):
-        cache = KVShrinkCache.for_model(model, spec)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            min_new_tokens=6,
-            pad_token_id=0,
-            do_sample=sample,
-            past_key_values=cache,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+    out, cache = generate_with(model, spec, sample)
     assert out.sequences.shape == (3, 46)
     assert all(torch.isfinite(x).all() for x in out.logits)
     n = 45

@@ -6,11 +6,10 @@ import importlib.util
 import pytest
 import torch
 
-from kvshrink.cache import KVShrinkCache, compress
 from kvshrink.methods import SpecError, parse
 from kvshrink.methods.base import CodecState, payload_bytes
 from kvshrink.methods.kivi import KIVI
-from tests.conftest import batch
+from tests.conftest import generate_with
 from tests.methods.test_quant import assert_within_bound
 
 B, H, D = 2, 3, 64
@@ -102,22 +101,7 @@ def test_key_scores_against_codes():
 
 
 def _generate(model, spec, sample):
-    ids, mask = batch((40, 25, 33))
-    torch.manual_seed(0)
-    with compress(model, spec):
-        cache = KVShrinkCache.for_model(model, spec)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=6,
-            min_new_tokens=6,
-            pad_token_id=0,
-            do_sample=sample,
-            past_key_values=cache,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    return out, cache
+    return generate_with(model, spec, sample)
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
