@@ -48,7 +48,12 @@ def test_bench_serve_writes_every_field(server, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "requests.csv")))
     assert len(rows) == 12
     assert {"send_time_s", "ttft_ms", "itl_ms", "e2el_ms", "prompt_tokens", "output_tokens", "error"} <= set(rows[0])
-    assert len(json.loads(rows[0]["itl_ms"])) == 4  # 5 tokens, one chunk each
+    for row in rows:
+        # ITL is timed per SSE chunk, as vLLM's bench does: the server may coalesce tokens that
+        # arrive together or hold back text that is not yet printable, so 5 tokens give 1..4 gaps.
+        itl = json.loads(row["itl_ms"])
+        assert 1 <= len(itl) <= 4
+        assert float(row["ttft_ms"]) + sum(itl) <= float(row["e2el_ms"]) + 1e-3
     assert (tmp_path / "run" / "latency_cdf.png").stat().st_size > 0
     assert (tmp_path / "run" / "vs_rate.png").stat().st_size > 0
     assert len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 12
