@@ -134,8 +134,10 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             st = self.store
-            stored = sum(sum(m.n) for m in st.meta.values())
-            fp = stored * st.fp_token_bytes // max(st.L, 1)
+            # against what an fp cache would hold for the running sequences' whole contexts, so that
+            # evicted tokens count as saved (the last token's KV is written by the next step)
+            fp = sum(len(r.prompt) + max(len(r.output) - 1, 0) for r in self.scheduler.running if r.slot is not None)
+            fp *= st.fp_token_bytes
             used = st.bytes_used
             return EngineStats(
                 running=len(self.scheduler.running), waiting=len(self.scheduler.waiting), kv_bytes_used=used,

@@ -56,6 +56,6 @@ class EngineStats:
     blocks_used: int
     blocks_free: int
     preemptions: int
-    compression: float  # bytes an fp cache would hold for the stored positions / bytes used (1.0 when idle)
+    compression: float  # bytes an fp cache would hold for the running contexts / bytes used (1.0 when idle)
     prompt_tokens: int  # prompt tokens prefilled so far (recomputed ones included)
     generation_tokens: int  # tokens generated so far

@@ -261,3 +261,19 @@ def test_registered_codecs_equal_hf_path(spec):
     for p, r in zip(ps, res):
         agree_until_tie(model, p, r["token_ids"], 40, spec=spec)
     assert eng.stats().blocks_used == 0
+
+
+@pytest.mark.parametrize("spec,lo,hi", [("full", 0.85, 1.0), ("kivi:bits=2,residual=8,group=8", 3.0, 6.0),
+                                        ("streamingllm:budget=16", 3.5, 8.0)])
+def test_compression_counts_whole_contexts(spec, lo, hi):
+    """The factor compares with an fp cache of every running context, so eviction counts as saved."""
+    eng = Engine(tiny_model("llama"), method=spec, kv_memory="4MiB", block_size=8)
+    for p in prompts((96, 120)):
+        eng.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    eng.step()
+    c = eng.stats().compression
+    assert lo <= c <= hi, c
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats().compression == 1.0
