@@ -17,17 +17,35 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import torch
 
 from kvshrink.engine import Engine, SamplingParams, reset_timers, timers
 from kvshrink.results import Records, open_run, write_csv, write_json_atomic
 
-WORKLOADS = {  # name: (requests, prompt, output) at full size / --quick
-    "decode-heavy": ((64, 512, 512), (12, 128, 128)),
-    "long-prompt": ((32, 2048, 128), (6, 512, 32)),
+WORKLOADS = {  # name: (requests, prompt, output) at default size / --quick; --workload NAME=NxPxO overrides
+    "decode-heavy": ((24, 512, 256), (12, 128, 128)),
+    "long-prompt": ((8, 2048, 128), (6, 512, 32)),
 }
+
+
+def parse_workloads(specs: list[str] | None, quick: bool) -> dict[str, tuple[int, int, int]]:
+    """``["decode-heavy", "long-prompt=32x2048x128"]`` -> {name: (requests, prompt, output)}."""
+    out = {}
+    for spec in specs or list(WORKLOADS):
+        name, _, size = spec.partition("=")
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+        if size:
+            try:
+                n, p, o = (int(x) for x in size.lower().split("x"))
+                assert n >= 1 and p >= 1 and o >= 1
+            except (ValueError, AssertionError):
+                raise SystemExit(f"bad workload size {size!r}: want REQUESTSxPROMPTxOUTPUT, e.g. 64x512x512") from None
+            out[name] = (n, p, o)
+        else:
+            out[name] = WORKLOADS[name][1 if quick else 0]
+    return out
 
 
 def _requests(n: int, prompt: int, output: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -136,12 +154,12 @@ def run_throughput(a) -> int:
     vocab = min(model.config.vocab_size, 32000)
     methods = list(dict.fromkeys(["full", *(a.method or ["kivi:bits=4", "kivi:bits=2"])]))
     config = {"command": "bench throughput", "model": a.model, "methods": methods, "mode": a.mode,
-              "kv_memory": a.kv_memory, "quick": a.quick, "compare_hf": a.compare_hf}
+              "kv_memory": a.kv_memory, "quick": a.quick, "compare_hf": a.compare_hf,
+              "workloads": parse_workloads(getattr(a, "workload", None), a.quick) if a.mode == "serving" else None}
     out = open_run(a.out, config)
     records = Records(out / "records.jsonl")
     runs: list[dict] = []
     fpt = _fp_token_bytes(model)
-    q = 1 if a.quick else 0
 
     def pool_for(prompt: int, output: int) -> int:
         from kvshrink.engine import parse_bytes
@@ -153,8 +171,7 @@ def run_throughput(a) -> int:
         runs.append(row)
 
     if a.mode == "serving":
-        for wl, sizes in WORKLOADS.items():
-            n, n_prompt, n_out = sizes[q]
+        for wl, (n, n_prompt, n_out) in parse_workloads(getattr(a, "workload", None), a.quick).items():
             reqs = _requests(n, n_prompt, n_out, vocab)
             kv = pool_for(n_prompt, n_out)
             total = sum(o for _, o in reqs)
@@ -234,14 +251,4 @@ def _print_table(runs: list[dict], mode: str) -> None:
               f"{f(r.get('compression'), '5.2f')} {f(r.get('preemptions'), '7d')} {f(r.get('ratio_to_full'), '6.2f')}")
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--method", action="append", help="method spec (repeatable); full is always included")
-    p.add_argument("--kv-memory", default=None, help="KV pool bytes (default: ~4 uncompressed sequences)")
-    p.add_argument("--mode", choices=["fixed-batch", "fixed-length", "serving", "step"], default="serving")
-    p.add_argument("--out", default="runs/throughput")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--compare-hf", action="store_true")
-
-
-__all__ = ["add_arguments", "decode_step_ms", "run_engine", "run_hf", "run_throughput"]
-_ = Path
+__all__ = ["decode_step_ms", "parse_workloads", "run_engine", "run_hf", "run_throughput"]

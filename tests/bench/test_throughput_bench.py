@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from kvshrink import cli
+from kvshrink.bench.throughput import parse_workloads
+from tests.conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    monkeypatch.setattr("kvshrink.models.load_model", lambda *a, **k: (model, tok))
+
+
+def test_serving_summary_has_the_stable_fields(tiny, tmp_path):
+    out = tmp_path / "tp"
+    rc = cli.main(["bench", "throughput", "--mode", "serving", "--method", "kivi:bits=4,residual=8,group=8",
+                   "--method", "streamingllm:budget=16", "--workload", "decode-heavy=5x40x12",
+                   "--workload", "long-prompt=3x90x4", "--compare-hf", "--kv-memory", "80KiB", "--out", str(out)])
+    assert rc == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [(r["workload"], r["method"]) for r in runs] == [
+        (w, m) for w in ("decode-heavy", "long-prompt")
+        for m in ("full", "kivi:bits=4,residual=8,group=8", "streamingllm:budget=16", "hf-generate (one at a time)")]
+    for r in runs:
+        for k in ("method", "workload", "tokens_per_s", "decode_tokens_per_s", "peak_concurrency", "peak_kv_bytes",
+                  "ratio_to_full"):
+            assert k in r
+        assert r["tokens_per_s"] > 0
+    by = {(r["workload"], r["method"]): r for r in runs}
+    full = by[("decode-heavy", "full")]
+    assert full["ratio_to_full"] == 1.0
+    assert full["output_tokens"] >= 5 * 10  # every request ran to its fixed length (12 +- 15%)
+    # under the same pool, eviction fits more sequences at once than the full cache
+    assert by[("decode-heavy", "streamingllm:budget=16")]["peak_concurrency"] > full["peak_concurrency"]
+    for r in runs:
+        if r["method"] != "hf-generate (one at a time)":
+            assert r["peak_kv_bytes"] <= r["kv_bytes_total"] == by[(r["workload"], "full")]["kv_bytes_total"]
+    assert (out / "summary.csv").exists() and (out / "records.jsonl").exists()
+
+
+def test_step_mode(tiny, tmp_path):
+    rc = cli.main(["bench", "throughput", "--mode", "step", "--quick", "--method", "int8", "--out", str(tmp_path)])
+    assert rc == 0
+    runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["full", "int8"] and runs[0]["ratio_to_full"] == 1.0
+    assert all(r["step_ms"] > 0 for r in runs)
+
+
+def test_parse_workloads():
+    assert parse_workloads(None, quick=False)["decode-heavy"] == (24, 512, 256)
+    assert parse_workloads(["long-prompt=2x64x8"], quick=True) == {"long-prompt": (2, 64, 8)}
+    with pytest.raises(SystemExit, match="unknown workload"):
+        parse_workloads(["nope"], quick=False)
+    with pytest.raises(SystemExit, match="REQUESTSxPROMPTxOUTPUT"):
+        parse_workloads(["decode-heavy=3x0x2"], quick=False)
