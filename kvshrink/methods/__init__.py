@@ -3,7 +3,18 @@
 Importing this package registers every built-in method.
 """
 
-from kvshrink.methods import full  # noqa: F401  (registers full, fp)
+# Importing a method's module registers it; adding a method = one file here + one line below.
+from kvshrink.methods import (  # noqa: F401
+    full,
+    gear,
+    h2o,
+    intq,
+    kivi,
+    kvcrush,
+    pyramidkv,
+    snapkv,
+    streamingllm,
+)
 from kvshrink.methods.base import (
     Codec,
     CodecState,
@@ -15,14 +26,6 @@ from kvshrink.methods.base import (
     StreamPolicy,
 )
 from kvshrink.methods.registry import build, parse, register, registered
-
-# Each import below registers its methods; keep this list sorted.
-for _mod in ("gear", "h2o", "intq", "kivi", "kvcrush", "pyramidkv", "snapkv", "streamingllm"):
-    try:
-        __import__(f"kvshrink.methods.{_mod}")
-    except ModuleNotFoundError as e:  # a method file not written yet must not break the others
-        if e.name != f"kvshrink.methods.{_mod}":
-            raise
 
 __all__ = [
     "Codec",
