@@ -197,5 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def entry() -> int:
+    """The ``kvshrink`` console script: a process kvshrink owns, so it may tune the CPU allocator."""
+    from kvshrink.cpu_alloc import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

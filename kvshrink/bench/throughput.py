@@ -185,24 +185,21 @@ def run_throughput(a) -> int:
                 row = run_hf(model, sub)
                 row.update(workload=wl)
                 record(row)
-    elif a.mode == "fixed-batch":
-        n_prompt, n_out = (256, 32) if a.quick else (512, 64)
-        for b in ([1, 4, 16] if a.quick else [1, 2, 4, 8, 16, 32]):
-            reqs = _requests(b, n_prompt, n_out, vocab, seed=b)
-            reqs = [(p, n_out) for p, _ in reqs]
-            kv = int(b * (n_prompt * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
+    elif a.mode in ("fixed-batch", "fixed-length"):
+        # one axis swept, the other fixed; the pool fits every request (the sweep measures the step, not admission)
+        if a.mode == "fixed-batch":
+            n_prompt, n_out = (256, 32) if a.quick else (512, 64)
+            points = [(b, n_prompt) for b in ([1, 4, 16] if a.quick else [1, 2, 4, 8, 16, 32])]
+        else:
+            n_out = 16 if a.quick else 32
+            points = [(4, c) for c in ([256, 1024] if a.quick else [256, 512, 1024, 2048, 4096, 8192])]
+        for b, ctx in points:
+            swept = b if a.mode == "fixed-batch" else ctx
+            reqs = [(p, n_out) for p, _ in _requests(b, ctx, n_out, vocab, seed=swept)]
+            kv = int(b * (ctx * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
             for m in methods:
                 row = run_engine(model, tok, m, reqs, kv)
-                row.update(workload=f"fixed-batch-{b}", batch=b, context=n_prompt)
-                record(row)
-    elif a.mode == "fixed-length":
-        B, n_out = (4, 16) if a.quick else (4, 32)
-        for ctx in ([256, 1024] if a.quick else [256, 512, 1024, 2048, 4096, 8192]):
-            reqs = [(p, n_out) for p, _ in _requests(B, ctx, n_out, vocab, seed=ctx)]
-            kv = int(B * (ctx * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
-            for m in methods:
-                row = run_engine(model, tok, m, reqs, kv)
-                row.update(workload=f"fixed-length-{ctx}", batch=B, context=ctx)
+                row.update(workload=f"{a.mode}-{swept}", batch=b, context=ctx)
                 record(row)
     elif a.mode == "step":
         B, C, S = (8, 512, 8) if a.quick else (16, 1024, 16)

@@ -148,12 +148,8 @@ def gather_tokens(plan: StepPlan, side: str, layer: int) -> torch.Tensor:
     ring = st.k.ring if side == "k" else st.v.ring
     if ring:
         res_t = st.kres if side == "k" else st.vres
-        start = (plan.ks_d if side == "k" else plan.vs_d)[:, layer]
-        length = (plan.kl_d if side == "k" else plan.vl_d)[:, layer]
-        base = (plan.nk_d if side == "k" else plan.nv_d)[:, layer]
         res = res_t[layer].index_select(0, plan.slots_d)  # [B, H, ring, D]
-        rel = (torch.arange(ring, device=st.device)[None, :] - start[:, None]) % ring
-        tgt = torch.where(rel < length[:, None], base[:, None] + rel, torch.full_like(rel, Lc))
+        tgt = _ring_positions(plan, side, layer, ring, Lc)
         out.scatter_(2, tgt[:, None, :, None].expand(B, H, ring, D), res)
     return out
 
@@ -187,38 +183,76 @@ def commit_decode(plan: StepPlan, layer: int, key: torch.Tensor, value: torch.Te
             st.write_encoded(side, slots, layer, [base[b] for b in rows], xs.transpose(1, 2))
 
 
+def _ring_positions(plan: StepPlan, side: str, layer: int, ring: int, scratch: int) -> torch.Tensor:
+    """[B, ring]: the token position (stored order) of each residual-ring slot, ``scratch`` if empty."""
+    start = (plan.ks_d if side == "k" else plan.vs_d)[:, layer]
+    length = (plan.kl_d if side == "k" else plan.vl_d)[:, layer]
+    base = (plan.nk_d if side == "k" else plan.nv_d)[:, layer]
+    rel = (torch.arange(ring, device=start.device)[None, :] - start[:, None]) % ring
+    return torch.where(rel < length[:, None], base[:, None] + rel, torch.full_like(rel, scratch))
+
+
 def decode_attention(plan: StepPlan, module, query, key, value, scaling, needs_acc: bool):
+    """Paged attention for one new token per sequence, without assembling a ``[B, H, L, D]`` cache.
+
+    Keys and values are scored where they lie: the gathered (decoded) blocks ``[B, nb, H, bs, D]``
+    by one batched matmul, the full-precision residual ring and the new token by small ones. Only the
+    logits (``[B, Hq, L]``, tiny) are laid out in stored order, where the softmax runs; the values
+    are then weighted in their own layout. This saves the transposing copy and the ring scatter that
+    an SDPA call over a contiguous cache needs, which cost more than the attention itself on CPU.
+    Keys and values may split between blocks and ring at different points (KIVI), so each side maps
+    its own columns to token positions.
+    """
     st = plan.store
     layer = module.layer_idx
-    B = plan.B
+    B, Hq, _, D = query.shape
+    H, bs = st.H, st.bs
+    g = Hq // H
+    nb, Lc = plan.nb[layer], plan.lcap[layer]
+    n = plan.n_d[:, layer]
+    q = query.view(B, H, g, D)
     with timed("decode.kv_build"):
-        K = gather_tokens(plan, "k", layer)
-        V = gather_tokens(plan, "v", layer)
-        n = plan.n_d[:, layer]
-        K[plan.arange_b, :, n] = key[:, :, 0]
-        V[plan.arange_b, :, n] = value[:, :, 0]
-        Lt = K.shape[2]
-        valid = torch.arange(Lt, device=st.device)[None, :] <= n[:, None]  # [B, Lt]
+        if nb:
+            ids = plan.tables[:, layer, :nb].reshape(-1)
+            with timed("decode.gather_dequant"):
+                kb = st.read_blocks("k", ids).view(B, nb, H, bs, D)
+                vb = st.read_blocks("v", ids).view(B, nb, H, bs, D)
     with timed("decode.sdpa"):
-        if needs_acc:
-            g = query.shape[1] // K.shape[1]
-            Kr = K.repeat_interleave(g, 1)
-            Vr = V.repeat_interleave(g, 1)
-            logits = torch.matmul(query.float(), Kr.float().transpose(-1, -2)) * scaling
-            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            out = torch.matmul(probs.to(Vr.dtype), Vr)
-            if plan.acc is not None:
-                w = min(Lt, plan.acc.shape[-1])
-                plan.acc[:, layer, :, :w] += probs[:, :, 0, :w]
-        else:
-            out = F.scaled_dot_product_attention(
-                query, K, V, attn_mask=valid[:, None, None, :], scale=scaling, enable_gqa=True
-            )
+        logits = torch.full((B, H, g, Lc + 1), float("-inf"), dtype=torch.float32, device=q.device)
+        pos = torch.arange(nb * bs, device=q.device)
+        if nb:
+            # [B, nb, H, g, bs]: one small GEMM per (sequence, block, head)
+            kl = torch.matmul(q[:, None], kb.transpose(-1, -2)).float()
+            kl = kl.permute(0, 2, 3, 1, 4).reshape(B, H, g, nb * bs)
+            kvalid = pos[None, :] < plan.nk_d[:, layer, None]
+            logits[..., : nb * bs] = kl.masked_fill(~kvalid[:, None, None, :], float("-inf"))
+        if st.k.ring:
+            kr = st.kres[layer].index_select(0, plan.slots_d)  # [B, H, ring, D]
+            tk = _ring_positions(plan, "k", layer, st.k.ring, Lc)
+            rl = torch.matmul(q, kr.transpose(-1, -2)).float()  # [B, H, g, ring]
+            logits.scatter_(3, tk[:, None, None, :].expand(B, H, g, -1), rl)
+        new_l = (q * key).sum(-1, dtype=torch.float32)  # [B, H, g]: the new token's own key
+        logits.scatter_(3, n[:, None, None, None].expand(B, H, g, 1), new_l[..., None])
+        logits[..., Lc] = float("-inf")  # the scratch column took the empty ring slots
+        probs = torch.softmax(logits * scaling, dim=-1)  # [B, H, g, Lc + 1]
+        if needs_acc and plan.acc is not None:
+            w = min(Lc, plan.acc.shape[-1])
+            plan.acc[:, layer, :, :w] += probs[..., :w].reshape(B, Hq, w)
+        p = probs.to(value.dtype)
+        out = p.gather(3, n[:, None, None, None].expand(B, H, g, 1)) * value  # [B, H, g, D]
+        if nb:
+            vvalid = pos[None, :] < plan.nv_d[:, layer, None]
+            pb = p[..., : nb * bs].masked_fill(~vvalid[:, None, None, :], 0.0)
+            pb = pb.view(B, H, g, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, H, g, bs]
+            out = out + torch.matmul(pb, vb).sum(1)
+        if st.v.ring:
+            vr = st.vres[layer].index_select(0, plan.slots_d)
+            tv = _ring_positions(plan, "v", layer, st.v.ring, Lc)
+            pr = p.gather(3, tv[:, None, None, :].expand(B, H, g, -1))  # empty slots read the scratch (0)
+            out = out + torch.matmul(pr, vr)
     with timed("decode.commit"):
         commit_decode(plan, layer, key, value)
-    del B
-    return out.transpose(1, 2).contiguous()
+    return out.view(B, Hq, 1, D).transpose(1, 2).contiguous()
 
 
 def _selection_input(valid, head_scores, layer, num_layers, H):

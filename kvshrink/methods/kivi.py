@@ -87,12 +87,12 @@ class KIVI(Codec):
 
             q . k'_t = sum_d (q_d s_{g(t),d}) c_{t,d} + sum_d q_d z_{g(t),d}
         """
-        c = unpack(p["q"], self.bits)
+        c = unpack(p["q"], self.bits, torch.float32)
         B, H, T, D = c.shape
         G = self.group
         qf = q.float()
         s, z = p["scale"].float(), p["zero"].float()  # [B, H, T/G, D]
         qs = qf[:, :, :, None, :] * s[:, :, None, :, :]  # [B, H, M, T/G, D]
-        cg = c.reshape(B, H, T // G, G, D).float()
+        cg = c.reshape(B, H, T // G, G, D)
         out = torch.einsum("bhmgd,bhgtd->bhmgt", qs, cg) + torch.einsum("bhmd,bhgd->bhmg", qf, z)[..., None]
         return out.reshape(B, H, q.shape[2], T).to(q.dtype)

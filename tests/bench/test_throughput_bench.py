@@ -55,3 +55,14 @@ def test_parse_workloads():
         parse_workloads(["nope"], quick=False)
     with pytest.raises(SystemExit, match="REQUESTSxPROMPTxOUTPUT"):
         parse_workloads(["decode-heavy=3x0x2"], quick=False)
+
+
+@pytest.mark.parametrize("mode,axis,points", [("fixed-batch", "batch", [1, 4, 16]),
+                                              ("fixed-length", "context", [256, 1024])])
+def test_sweeps(tiny, tmp_path, mode, axis, points):
+    rc = cli.main(["bench", "throughput", "--mode", mode, "--quick", "--method", "kivi:bits=2", "--out", str(tmp_path)])
+    assert rc == 0
+    runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert [(r[axis], r["method"]) for r in runs] == [(x, m) for x in points for m in ("full", "kivi:bits=2")]
+    assert all(r["preemptions"] == 0 and r["peak_concurrency"] == r["batch"] for r in runs)
+    assert list(tmp_path.glob("*.png"))
