@@ -1,10 +1,11 @@
 """Attention over paged compressed blocks, and the per-layer store/select/encode that follows it.
 
 Decode, per layer (``decode_attention``): gather the batch's blocks with one ``index_select`` per
-payload field, decode them in one vectorised call into ``[B, H, Lmax, D]`` for this layer only,
-scatter each sequence's full-precision residual and the new token into their token positions, then
-SDPA with a key-padding mask (GQA through ``enable_gqa``). Stored tokens sit in *stored order*
-(blocks, then residual): attention does not care about order, and it is the order the selectors see.
+payload field and decode them in one vectorised call into ``[B, nb, H, bs, D]`` for this layer only;
+score them in that layout (batched matmul), score the full-precision residual ring and the new
+token apart, and run the softmax over the small ``[B, Hq, L]`` logits in *stored order* (blocks,
+then residual). Attention does not care about order, and it is the order the selectors see.
+``gather_tokens`` builds the contiguous ``[B, H, L, D]`` view only where eviction needs every token.
 
 Prefill (``prefill_attention``): one sequence ``[1, T]``, causal SDPA over its own full-precision
 keys; the selector's statistics (``scoring.attention_scores``) only when it needs them; the kept
@@ -217,7 +218,7 @@ def decode_attention(plan: StepPlan, module, query, key, value, scaling, needs_a
             with timed("decode.gather_dequant"):
                 kb = st.read_blocks("k", ids).view(B, nb, H, bs, D)
                 vb = st.read_blocks("v", ids).view(B, nb, H, bs, D)
-    with timed("decode.sdpa"):
+    with timed("decode.attend"):
         logits = torch.full((B, H, g, Lc + 1), float("-inf"), dtype=torch.float32, device=q.device)
         pos = torch.arange(nb * bs, device=q.device)
         if nb:
