@@ -104,7 +104,7 @@ def _add_bench_throughput(bsub) -> None:
     p.add_argument("--quick", action="store_true", help="small workloads (~2 min)")
     p.add_argument("--workload", action="append",
                    help="serving mode: decode-heavy or long-prompt, optionally sized NAME=REQUESTSxPROMPTxOUTPUT "
-                        "(repeatable; default both at 24x512x256 and 8x2048x128)")
+                        "(repeatable; default both, 16x512x256 and 6x2048x128: ~10 min with the default methods)")
     p.add_argument("--compare-hf", action="store_true", help="also run plain HF generate one request at a time")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")
 

@@ -24,8 +24,8 @@ from kvshrink.engine import Engine, SamplingParams, reset_timers, timers
 from kvshrink.results import Records, open_run, write_csv, write_json_atomic
 
 WORKLOADS = {  # name: (requests, prompt, output) at default size / --quick; --workload NAME=NxPxO overrides
-    "decode-heavy": ((24, 512, 256), (12, 128, 128)),
-    "long-prompt": ((8, 2048, 128), (6, 512, 32)),
+    "decode-heavy": ((16, 512, 256), (12, 128, 128)),
+    "long-prompt": ((6, 2048, 128), (6, 512, 32)),
 }
 
 

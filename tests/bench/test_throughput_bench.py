@@ -49,7 +49,7 @@ def test_step_mode(tiny, tmp_path):
 
 
 def test_parse_workloads():
-    assert parse_workloads(None, quick=False)["decode-heavy"] == (24, 512, 256)
+    assert parse_workloads(None, quick=False)["decode-heavy"] == (16, 512, 256)
     assert parse_workloads(["long-prompt=2x64x8"], quick=True) == {"long-prompt": (2, 64, 8)}
     with pytest.raises(SystemExit, match="unknown workload"):
         parse_workloads(["nope"], quick=False)
