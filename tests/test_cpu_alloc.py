@@ -1,4 +1,4 @@
-import ctypes.util
+import platform
 
 import pytest
 
@@ -10,8 +10,8 @@ def test_env_turns_it_off(monkeypatch):
     assert tune_cpu_allocator() is False
 
 
-@pytest.mark.skipif(not ctypes.util.find_library("c"), reason="no libc")
-def test_tuning_takes_effect_and_is_idempotent(monkeypatch):
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
+def test_glibc_accepts_the_settings(monkeypatch):
     monkeypatch.delenv("KVSHRINK_NO_MALLOC_TUNING", raising=False)
-    first = tune_cpu_allocator()
-    assert tune_cpu_allocator() == first  # glibc: True; other libcs without mallopt: False, never an error
+    assert tune_cpu_allocator() is True
+    assert tune_cpu_allocator() is True  # idempotent
