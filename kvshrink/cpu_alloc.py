@@ -20,10 +20,11 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 def tune_cpu_allocator(threshold: int = 1 << 30) -> bool:
     """Serve allocations up to ``threshold`` bytes from the heap and keep freed memory for reuse.
     Returns whether the setting took effect."""
-    if os.environ.get("KVSHRINK_NO_MALLOC_TUNING") or not ctypes.util.find_library("c"):
+    name = ctypes.util.find_library("c")
+    if os.environ.get("KVSHRINK_NO_MALLOC_TUNING") or not name:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

@@ -103,10 +103,10 @@ def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 
 
 def _breakdown(t: dict[str, float]) -> dict[str, float]:
     """The timers, plus ``decode.linear_and_rest``: decode forward time outside attention (the
-    projections, MLP, norms, lm_head and HF's module overhead). ``decode.gather_dequant`` is a part of
-    ``decode.kv_build``; ``decode.attend`` is the scoring and weighting of the gathered KV."""
+    projections, MLP, norms, lm_head and HF's module overhead). Attention is ``decode.gather_dequant``
+    (reading and decoding blocks), ``decode.attend`` (scoring and weighting) and ``decode.commit``."""
     out = dict(t)
-    attn = sum(t.get(k, 0.0) for k in ("decode.kv_build", "decode.attend", "decode.commit"))
+    attn = sum(t.get(k, 0.0) for k in ("decode.gather_dequant", "decode.attend", "decode.commit"))
     if "decode.forward" in t:
         out["decode.linear_and_rest"] = max(t["decode.forward"] - attn, 0.0)
     return {k: round(v, 3) for k, v in sorted(out.items())}
@@ -164,9 +164,9 @@ def run_throughput(a) -> int:
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
     vocab = min(model.config.vocab_size, 32000)
     methods = list(dict.fromkeys(["full", *(a.method or ["kivi:bits=4", "kivi:bits=2"])]))
+    workloads = parse_workloads(getattr(a, "workload", None), a.quick) if a.mode == "serving" else {}
     config = {"command": "bench throughput", "model": a.model, "methods": methods, "mode": a.mode,
-              "kv_memory": a.kv_memory, "quick": a.quick, "compare_hf": a.compare_hf,
-              "workloads": parse_workloads(getattr(a, "workload", None), a.quick) if a.mode == "serving" else None}
+              "kv_memory": a.kv_memory, "quick": a.quick, "compare_hf": a.compare_hf, "workloads": workloads or None}
     out = open_run(a.out, config)
     records = Records(out / "records.jsonl")
     runs: list[dict] = []
@@ -182,7 +182,7 @@ def run_throughput(a) -> int:
         runs.append(row)
 
     if a.mode == "serving":
-        for wl, (n, n_prompt, n_out) in parse_workloads(getattr(a, "workload", None), a.quick).items():
+        for wl, (n, n_prompt, n_out) in workloads.items():
             reqs = _requests(n, n_prompt, n_out, vocab)
             kv = pool_for(n_prompt, n_out)
             total = sum(o for _, o in reqs)

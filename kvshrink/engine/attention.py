@@ -71,9 +71,7 @@ class StepPlan:
         self.slots_d = self.slots_t.to(dev)
         self.nk_d, self.nv_d, self.ks_d, self.kl_d = (t.to(dev) for t in (self.nk, self.nv, self.ks, self.kl))
         self.vs_d, self.vl_d, self.n_d = (t.to(dev) for t in (self.vs, self.vl, self.n))
-        self.arange_b = torch.arange(self.B, device=dev)
         self.acc: torch.Tensor | None = None
-        self.layer_cache: dict = {}
 
     def _plan_growth(self, metas) -> None:
         """How many tokens each stream encodes this step, per sequence and layer; blocks are taken now."""
@@ -140,11 +138,10 @@ def gather_tokens(plan: StepPlan, side: str, layer: int) -> torch.Tensor:
     B, H, D, bs = plan.B, st.H, st.D, st.bs
     nb, Lc = plan.nb[layer], plan.lcap[layer]
     out = torch.empty(B, H, Lc + 1, D, dtype=st.dtype, device=st.device)
-    if nb:
-        with timed("decode.gather_dequant"):
-            ids = plan.tables[:, layer, :nb].reshape(-1)
-            dec = st.read_blocks(side, ids)  # [B*nb, H, bs, D]
-            out[:, :, : nb * bs].view(B, H, nb, bs, D).copy_(dec.view(B, nb, H, bs, D).transpose(1, 2))
+    if nb:  # only eviction (``compact``, timed there) reads the whole cache this way
+        ids = plan.tables[:, layer, :nb].reshape(-1)
+        dec = st.read_blocks(side, ids)  # [B*nb, H, bs, D]
+        out[:, :, : nb * bs].view(B, H, nb, bs, D).copy_(dec.view(B, nb, H, bs, D).transpose(1, 2))
     out[:, :, nb * bs :].zero_()
     ring = st.k.ring if side == "k" else st.v.ring
     if ring:
@@ -212,12 +209,11 @@ def decode_attention(plan: StepPlan, module, query, key, value, scaling, needs_a
     nb, Lc = plan.nb[layer], plan.lcap[layer]
     n = plan.n_d[:, layer]
     q = query.view(B, H, g, D)
-    with timed("decode.kv_build"):
-        if nb:
+    if nb:
+        with timed("decode.gather_dequant"):
             ids = plan.tables[:, layer, :nb].reshape(-1)
-            with timed("decode.gather_dequant"):
-                kb = st.read_blocks("k", ids).view(B, nb, H, bs, D)
-                vb = st.read_blocks("v", ids).view(B, nb, H, bs, D)
+            kb = st.read_blocks("k", ids).view(B, nb, H, bs, D)
+            vb = st.read_blocks("v", ids).view(B, nb, H, bs, D)
     with timed("decode.attend"):
         logits = torch.full((B, H, g, Lc + 1), float("-inf"), dtype=torch.float32, device=q.device)
         pos = torch.arange(nb * bs, device=q.device)

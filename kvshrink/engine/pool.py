@@ -201,10 +201,6 @@ class KVStore:
     def bytes_used(self) -> int:
         return self.pool.num_used * self.block_bytes
 
-    def stored_tokens(self) -> int:
-        """Token positions stored (per layer, averaged over layers), for the compression factor."""
-        return sum(sum(m.n) for m in self.meta.values()) // max(self.L, 1)
-
     def kept_per_layer(self, length: int) -> list[int]:
         sel = self.method.selector
         out = []
