@@ -17,14 +17,17 @@ How it hooks in, using only public transformers APIs:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
+import transformers
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvshrink.errors import CompressionNotInEffect, untested_transformers
 from kvshrink.methods import CompressionMethod, SelectionInput, parse
 from kvshrink.methods.scoring import attention_scores
 
@@ -55,21 +58,24 @@ class KVShrinkLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.pending is not None:  # attention ran without us (another attn implementation): store as-is
-            self.commit(None, None, None)
         self.pending = (key_states, value_states)
         if len(self.state) == 0:
             return key_states, value_states
         k, v = self.state.get()
         return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # transformers < 5.x passes the query's cache positions, later releases its length
+        query_length = query if isinstance(query, int) else query.shape[-1]
         return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # abstract in older 5.x releases
         return -1
 
     def reset(self) -> None:
@@ -183,6 +189,7 @@ class KVShrinkCache(Cache):
 
     def __init__(self, method: str | CompressionMethod, num_layers: int):
         self.method = parse(method)
+        self.seen_before_forward: list[int] = [0] * num_layers
         super().__init__(layers=[KVShrinkLayer(self.method, i, num_layers) for i in range(num_layers)])
 
     @classmethod
@@ -213,33 +220,96 @@ AttentionInterface.register(ATTN_NAME, kvshrink_attention)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-def _pre_hook(model: PreTrainedModel, method: CompressionMethod):
+# transformers 5.24 renamed the cache argument of ``forward``/``generate`` from ``past_key_values``
+# to ``cache`` (the old name is still accepted, with a warning). Read whichever the caller used and pass
+# ours under the name this model's ``forward`` declares.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which ``model.forward`` takes its KV cache."""
+    params = inspect.signature(model.forward).parameters
+    for name in CACHE_ARGS:
+        if name in params:
+            return name
+    raise CompressionNotInEffect(
+        f"{type(model).__name__}.forward takes none of {CACHE_ARGS}; kvshrink cannot hand it a cache "
+        f"(transformers {transformers.__version__})"
+    )
+
+
+def output_cache(output) -> Cache | None:
+    """The cache a ``forward`` or ``generate`` output carries, under either name."""
+    for name in CACHE_ARGS:
+        cache = getattr(output, name, None)
+        if isinstance(cache, Cache):
+            return cache
+    return None
+
+
+def _given_cache(kwargs: dict) -> Cache | None:
+    """Pop every cache argument; a ``KVShrinkCache`` wins over one transformers made on its own."""
+    given = [c for c in (kwargs.pop(name, None) for name in CACHE_ARGS) if c is not None]
+    ours = [c for c in given if isinstance(c, KVShrinkCache)]
+    return (ours or given or [None])[0]
+
+
+def _pre_hook(model: PreTrainedModel, method: CompressionMethod, arg: str):
     def hook(mod, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _given_cache(kwargs)
         fresh = cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0)
         if fresh and kwargs.get("use_cache", True) is not False:
             cache = KVShrinkCache.for_model(model, method)
-            kwargs["past_key_values"] = cache
+        if cache is not None:
+            kwargs[arg] = cache
         if isinstance(cache, KVShrinkCache):
             kwargs["kvshrink_cache"] = cache
+            cache.seen_before_forward = [layer.seen for layer in cache.layers]
         return args, kwargs
 
     return hook
+
+
+def _post_hook(mod, args, kwargs, output):
+    cache = kwargs.get("kvshrink_cache")
+    if cache is None:
+        return output
+    fix = untested_transformers()
+    for layer, before in zip(cache.layers, cache.seen_before_forward):
+        if layer.pending is not None:
+            layer.pending = None
+            raise CompressionNotInEffect(
+                f"layer {layer.layer_idx} stored its tokens but kvshrink's attention function never ran "
+                f"(attention implementation is {mod.config._attn_implementation!r}); {fix}"
+            )
+        if layer.seen == before:
+            raise CompressionNotInEffect(
+                f"the model did not use kvshrink's cache at layer {layer.layer_idx} (it was passed as "
+                f"{cache_argument(mod)!r}); {fix}"
+            )
+    return output
 
 
 @contextlib.contextmanager
 def compress(model: PreTrainedModel, method: str | CompressionMethod) -> Iterator[CompressionMethod]:
     """Within the block, every forward of ``model`` (``generate`` included) uses a compressed cache.
 
-    A ``KVShrinkCache`` passed explicitly as ``past_key_values`` is used as given."""
+    A ``KVShrinkCache`` passed explicitly (as ``cache`` or ``past_key_values``) is used as given. A
+    forward that ends without having used kvshrink's cache and attention function in every layer
+    raises ``CompressionNotInEffect`` rather than report uncompressed results as compressed."""
     m = parse(method)
+    arg = cache_argument(model)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    handle = model.register_forward_pre_hook(_pre_hook(model, m), with_kwargs=True)
+    handles = [
+        model.register_forward_pre_hook(_pre_hook(model, m, arg), with_kwargs=True),
+        model.register_forward_hook(_post_hook, with_kwargs=True),
+    ]
     try:
         yield m
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.set_attn_implementation(previous)
 
 

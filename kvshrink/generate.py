@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from kvshrink.cache import cache_bytes, compress
+from kvshrink.cache import cache_bytes, compress, output_cache
 from kvshrink.methods import CompressionMethod, parse
 
 
@@ -93,7 +93,7 @@ def generate_one(
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     finish = "eos" if new and new[-1] in eos else "length"
-    cache = out.past_key_values
+    cache = output_cache(out)
     t_first = first.t or t1
     return Generation(
         output=tokenizer.decode(new, skip_special_tokens=True),

@@ -86,7 +86,7 @@ def tokenizer():
 
 def generate_with(model, spec: str, sample: bool):
     """Six new tokens for a left-padded batch of 3 under ``spec``; returns (output, cache)."""
-    from kvshrink.cache import KVShrinkCache, compress
+    from kvshrink.cache import KVShrinkCache, cache_argument, compress
 
     ids, mask = batch((40, 25, 33))
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def generate_with(model, spec: str, sample: bool):
             min_new_tokens=6,
             pad_token_id=0,
             do_sample=sample,
-            past_key_values=cache,
+            **{cache_argument(model): cache},
             return_dict_in_generate=True,
             output_logits=True,
         )

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 
 from kvshrink.engine.attention import StepPlan, decode_attention, prefill_attention, timed
 from kvshrink.engine.pool import KVStore
+from kvshrink.errors import CompressionNotInEffect, untested_transformers
 
 ATTN_NAME = "kvshrink_paged"
 
@@ -27,6 +28,7 @@ class PrefillContext:
     slot: int
     acc_cap: int
     mode: str = "prefill"
+    layers_run: int = 0
 
 
 @dataclass
@@ -34,6 +36,7 @@ class DecodeContext:
     plan: StepPlan
     needs_acc: bool
     mode: str = "decode"
+    layers_run: int = 0
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -44,6 +47,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
                                              enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
+    ctx.layers_run += 1
     if ctx.mode == "prefill":
         return prefill_attention(ctx, module, query, key, value, scaling), None
     return decode_attention(ctx.plan, module, query, key, value, scaling, ctx.needs_acc), None
@@ -76,6 +80,13 @@ class ModelRunner:
         top = max([h for h in holds if h is not None] + [getattr(sel, "budget_tokens", 0) or 0, length])
         return top + self.evict_every + 1
 
+    def _check_every_layer_ran(self, ctx: PrefillContext | DecodeContext) -> None:
+        if ctx.layers_run != self.store.L:
+            raise CompressionNotInEffect(
+                f"the engine's attention function ran in {ctx.layers_run} of {self.store.L} layers "
+                f"(attention implementation {self.model.config._attn_implementation!r}); {untested_transformers()}"
+            )
+
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
         """Run the prompt of one sequence; store its (selected, encoded) KV; return last logits [V]."""
@@ -84,6 +95,7 @@ class ModelRunner:
         ctx = PrefillContext(self.store, slot, self.acc_cap(len(token_ids)))
         with timed("prefill.forward"):
             out = self.model(input_ids=ids, position_ids=pos, kvshrink_batch=ctx, use_cache=False, logits_to_keep=1)
+        self._check_every_layer_ran(ctx)
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
@@ -104,5 +116,6 @@ class ModelRunner:
         ctx = DecodeContext(plan, self.needs_acc and plan.acc is not None)
         with timed("decode.forward"):
             out = self.model(input_ids=ids, position_ids=pos, kvshrink_batch=ctx, use_cache=False, logits_to_keep=1)
+        self._check_every_layer_ran(ctx)
         plan.finish()
         return out.logits[:, -1].float()

@@ -89,8 +89,15 @@ def build_summary(records: Sequence[dict], methods: Sequence[str], reference: st
             "decode_s": _mean(r["decode_s"] for r in recs),
             "output_tokens": _mean(r["output_tokens"] for r in recs),
             "samples": len(recs),
+            "uncompressed_samples": sum(r["kv_bytes"] >= r["kv_bytes_full"] for r in recs),
+            "note": None,
             "tasks": {},
         }
+        if m != "full" and entry["uncompressed_samples"] == len(recs):
+            entry["note"] = (
+                "no sample was stored compressed (measured KV bytes >= uncompressed in every sample): the "
+                "budget may exceed every prompt, or the method was not in effect"
+            )
         for t in tasks:
             trecs = [r for r in recs if r["task"] == t]
             if not trecs:
@@ -260,7 +267,8 @@ def summary_table(summary: dict, markdown: bool = True) -> str:
             sc, nr = te.get("score"), te.get("negative_ratio")
             cells.append(_f(sc) + (f" ({_f(nr, True)} neg)" if nr is not None and m != summary["reference"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [f"{m}: {e['note']}" for m, e in summary["methods"].items() if e.get("note")]
+    return "\n".join(lines + [f"\nWARNING {n}" for n in notes])
 
 
 def _html(summary: dict, records: Sequence[dict], samples: Mapping[tuple[str, str], Sample],

@@ -277,3 +277,23 @@ def test_compression_counts_whole_contexts(spec, lo, hi):
     while eng.has_unfinished():
         eng.step()
     assert eng.stats().compression == 1.0
+
+
+def test_engine_refuses_a_forward_its_attention_did_not_serve():
+    """If transformers stops routing attention through the engine's function, no step may pass for a
+    paged (compressed) one."""
+    from kvshrink.errors import CompressionNotInEffect
+
+    model = tiny_model("llama")
+    eng = Engine(model, method=method("kivi:bits=4"), kv_memory="8MiB", block_size=8)
+    layer0 = model.model.layers[0].self_attn
+    plain = layer0.forward
+
+    def bypass(*args, **kwargs):  # layer 0 attends through plain SDPA, as another attention path would
+        kwargs.pop("kvshrink_batch", None)
+        return plain(*args, **kwargs)
+
+    layer0.forward = bypass
+    (res,) = eng.generate(prompts((12,)), SamplingParams(max_tokens=2))  # a step's error fails its requests
+    assert res["finish_reason"] == "error" and res["token_ids"] == []
+    assert res["error"].startswith(CompressionNotInEffect.__name__) and "ran in 1 of 2 layers" in res["error"]

@@ -2,7 +2,7 @@ import pytest
 
 from kvshrink.eval.drift import length_drift
 from kvshrink.eval.negatives import combined, find_negatives, method_groups, scores_by_method, task_thresholds
-from kvshrink.eval.report import build_summary, hardset_rows
+from kvshrink.eval.report import build_summary, hardset_rows, summary_table
 from kvshrink.eval.tasks import Sample
 
 
@@ -91,3 +91,16 @@ def test_summary_and_hardset_from_fixed_records():
     assert set(r0["negative_for"]) == {"kivi", "snapkv:ratio=0.5"}
     assert r0["reference_score"] == 1.0 and r0["metric"] == "qa_f1" and r0["prompt"]
     assert Sample.from_dict(r0).references == ["g"]
+
+
+def test_a_method_that_never_compressed_is_flagged():
+    """An uncompressed run must never read as a compressing method with factor 1.0 and no word why."""
+    recs = records()
+    recs += [dict(r, method="h2o:budget=4096", kv_bytes=r["kv_bytes_full"]) for r in recs if r["method"] == "full"]
+    summary, _ = build_summary(recs, ["full", "kivi", "h2o:budget=4096"], "full")
+    flagged = summary["methods"]["h2o:budget=4096"]
+    assert flagged["compression"] == pytest.approx(1.0)
+    assert flagged["uncompressed_samples"] == flagged["samples"] > 0
+    assert "no sample was stored compressed" in flagged["note"]
+    assert summary["methods"]["kivi"]["note"] is None and summary["methods"]["full"]["note"] is None
+    assert "WARNING h2o:budget=4096: no sample was stored compressed" in summary_table(summary)

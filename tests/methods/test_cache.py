@@ -4,7 +4,7 @@ Qwen2 (GQA 4 query / 2 KV heads), batch 3, left-padded mixed lengths."""
 import pytest
 import torch
 
-from kvshrink.cache import KVShrinkCache, compress
+from kvshrink.cache import KVShrinkCache, cache_argument, compress, output_cache
 from kvshrink.methods import SpecError, parse, registered
 from tests.conftest import batch
 
@@ -43,7 +43,7 @@ def _generate(model, spec=None, sample=False, new=NEW, **kw):
     torch.manual_seed(0)
     with compress(model, spec):
         cache = KVShrinkCache.for_model(model, spec)
-        return model.generate(past_key_values=cache, **args), cache
+        return model.generate(**{cache_argument(model): cache}, **args), cache
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def _layer0_keys(model, sequences):
     full_mask = torch.cat([mask, torch.ones(3, sequences.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
     pos = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
     out = model(input_ids=sequences, attention_mask=full_mask, position_ids=pos, use_cache=True)
-    return out.past_key_values.layers[0].keys, full_mask
+    return output_cache(out).layers[0].keys, full_mask
 
 
 @pytest.mark.parametrize("sinks", [4, 2])
