@@ -28,7 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvshrink.errors import CompressionNotInEffect, untested_transformers
-from kvshrink.methods import CompressionMethod, SelectionInput, parse
+from kvshrink.methods import CompressionMethod, parse
+from kvshrink.methods.base import SelectorState
 from kvshrink.methods.scoring import attention_scores
 
 ATTN_NAME = "kvshrink"
@@ -44,7 +45,7 @@ class KVShrinkLayer(CacheLayerMixin):
         self.method, self.layer_idx, self.num_layers = method, layer_idx, num_layers
         self.state = method.codec.new_state()
         self.valid: torch.Tensor | None = None  # [B, H, T] bool; False = padding or logically evicted
-        self.acc: torch.Tensor | None = None  # [B, Hq, T] accumulated attention (H2O)
+        self.selector_state: SelectorState | None = None  # what the selector observed (created at prefill)
         self.pruned = False
         self.seen = 0
         self.hold: int | None = None  # budget held while decoding (evicting selectors)
@@ -105,75 +106,49 @@ class KVShrinkLayer(CacheLayerMixin):
         row = row if row.dtype == torch.bool else row == 0
         return row[:, None, :].expand(B, H, q).clone()
 
-    def commit(self, query: torch.Tensor | None, hf_mask: torch.Tensor | None, scaling: float | None) -> None:
-        """Store this step's tokens, updating scores and evicting as the selector says."""
+    def commit(self, query: torch.Tensor, hf_mask: torch.Tensor | None, scaling: float) -> None:
+        """Store this step's tokens; the selector observes and evicts through its state."""
         k, v = self.pending
         self.pending = None
         sel = self.method.selector
         prefill = self.seen == 0
         new_valid = self._new_valid(hf_mask, k)
         self.seen += k.shape[-2]
-
-        head_scores = None
-        if sel.needs != "none" and query is not None:
-            past_k = self.state.get()[0] if len(self.state) else None
-            full_k = k if past_k is None else torch.cat([past_k, k], dim=-2)
-            mask = self.attention_mask(query.shape[-2], hf_mask)
-            if sel.needs == "window" and prefill:
-                w = min(sel.observation_window, query.shape[-2])
-                head_scores = attention_scores(query[..., -w:, :], full_k, scaling, _rows(mask, w))
-            elif sel.needs == "accumulated":
-                step = attention_scores(query, full_k, scaling, mask)
-                if self.acc is None:
-                    self.acc = step
-                else:
-                    pad = step.new_zeros(*self.acc.shape[:2], k.shape[-2])
-                    self.acc = torch.cat([self.acc, pad], dim=-1) + step
-                head_scores = self.acc
-
         valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=-1)
+        B = k.shape[0]
+        if self.selector_state is None:
+            self.selector_state = sel.new_state(self.layer_idx, self.num_layers, rows=B)
+        rows = torch.arange(B, device=k.device)
+        state = self.selector_state
+
         if prefill:
             length = int(valid.sum(-1).max())
             budget = sel.budget(length, self.layer_idx, self.num_layers)
-            self.hold = budget if budget is not None else (getattr(sel, "budget_tokens", 0) or None)
+            self.hold = sel.decode_hold(length, self.layer_idx, self.num_layers)
+            observed = sel.prefill_queries(length, self.layer_idx, self.num_layers)
+            if observed:
+                mask = self.attention_mask(query.shape[-2], hf_mask)
+                w = min(observed, query.shape[-2])
+                state.observe(rows, attention_scores(query[..., -w:, :], k, scaling, _rows(mask, w)))
             if budget is not None and budget < k.shape[-2]:
-                idx = sel.select(self._input(valid, head_scores), budget)
+                idx = state.select(rows, valid, budget)
                 k, v, valid = _take(k, idx), _take(v, idx), valid.gather(2, idx)
-                self._gather_acc(idx)
+                state.keep(rows, idx)
                 self.pruned = True
             self.state.append(k, v)
         else:
+            if sel.observes_decode() and self.hold is not None:
+                past_k = self.state.get()[0]
+                mask = self.attention_mask(query.shape[-2], hf_mask)
+                state.observe(rows, attention_scores(query, torch.cat([past_k, k], dim=-2), scaling, mask))
             self.state.append(k, v)
-            if sel.evicts_in_decode and self.hold is not None and len(self.state) > self.hold:
-                idx = sel.select(self._input(valid, head_scores), self.hold)
+            if self.hold is not None and len(self.state) > self.hold:
+                idx = state.select(rows, valid, self.hold)
                 self.state.keep(idx)
                 valid = valid.gather(2, idx)
-                self._gather_acc(idx)
+                state.keep(rows, idx)
                 self.pruned = True
         self.valid = valid
-
-    def _input(self, valid: torch.Tensor, head_scores: torch.Tensor | None) -> SelectionInput:
-        scores = None
-        if head_scores is not None:
-            B, Hq, T = head_scores.shape
-            H = valid.shape[1]
-            scores = head_scores.view(B, H, Hq // H, T).mean(2)
-        return SelectionInput(
-            length=valid.shape[-1],
-            layer=self.layer_idx,
-            num_layers=self.num_layers,
-            valid=valid,
-            scores=scores,
-            head_scores=head_scores,
-        )
-
-    def _gather_acc(self, idx: torch.Tensor) -> None:
-        if self.acc is None:
-            return
-        B, Hq, T = self.acc.shape
-        H = idx.shape[1]
-        gi = idx.repeat_interleave(Hq // H, dim=1)
-        self.acc = self.acc.gather(2, gi)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,10 @@ Differences from the HF path (``kvshrink.compress``), each bounded by a test in 
 - selectors that evict while decoding (H2O, StreamingLLM) evict lazily: the cache of a layer grows to
   ``hold + evict_every`` tokens and is then cut back to ``hold`` in one selection (the HF path cuts
   one token per step). ``evict_every=1`` reproduces the HF path; the default is ``block_size``.
+
+A step is schedule (``Scheduler.schedule``: blocks for the decoding sequences, then admissions) ->
+execute (``ModelRunner``: one forward per admitted prompt, one for the decode batch) -> update
+(counters, sampling, eviction, outputs).
 - everything else (selection at the end of prefill, codec stream policies, H2O's accumulated scores)
   follows the HF path exactly; results differ only by floating-point summation order.
 """
@@ -13,19 +17,24 @@ Differences from the HF path (``kvshrink.compress``), each bounded by a test in 
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 import uuid
 
 import torch
 
-from kvshrink.engine.attention import TIMERS, compact, timed
-from kvshrink.engine.pool import KVStore, parse_bytes
+from kvshrink.engine.batch import DecodeBatch
+from kvshrink.engine.config import EngineConfig
+from kvshrink.engine.eviction import evict_due
+from kvshrink.engine.pool import KVStore
+from kvshrink.engine.request import Request, RequestStatus
 from kvshrink.engine.runner import ModelRunner
-from kvshrink.engine.scheduler import Request, Scheduler
+from kvshrink.engine.scheduler import Scheduler, SchedulerOutput
+from kvshrink.engine.timers import reset_timers, timed, timers
 from kvshrink.engine.types import EngineStats, RequestOutput, SamplingParams
-from kvshrink.methods import parse
+from kvshrink.methods import CompressionMethod, parse
+
+__all__ = ["Engine", "EngineConfig", "reset_timers", "timers"]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -42,31 +51,25 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, method: str = "full", kv_memory: int | str = "1GiB",
-                 block_size: int = 32, max_batch: int = 256, chunked_prefill: int | None = None, device=None,
-                 evict_every: int | None = None):
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if chunked_prefill is not None and chunked_prefill < 1:
-            raise ValueError(f"chunked_prefill must be >= 1 or None, got {chunked_prefill}")
+    def __init__(self, model, tokenizer=None, method: str | CompressionMethod = "full",
+                 kv_memory: int | str = "1GiB", block_size: int = 32, max_batch: int = 256,
+                 max_prefill_tokens: int = 4096, device=None, evict_every: int | None = None,
+                 config: EngineConfig | None = None):
+        self.method = parse(method)
+        cfg = config or EngineConfig(kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
+                                     max_prefill_tokens=max_prefill_tokens, evict_every=evict_every)
+        self.cfg = cfg = cfg.resolved(self.method.codec)
         if device is not None:
             model = model.to(device)
         self.model, self.tokenizer = model, tokenizer
-        self.method = parse(method)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        codec = self.method.codec
-        for enc in (codec.key_encoder(), codec.value_encoder()):  # a block holds whole encoder chunks
-            block_size = math.lcm(block_size, int(getattr(enc, "chunk", 1)))
-        self.block_size = block_size
-        self.evict_every = evict_every or block_size
-        self.store = KVStore(self.config, self.method, parse_bytes(kv_memory), block_size, max_batch, self.dtype,
+        self.block_size, self.evict_every = cfg.block_size, cfg.evict_every
+        self.store = KVStore(self.config, self.method, cfg.kv_memory, cfg.block_size, cfg.max_batch, self.dtype,
                              self.device)
-        self.runner = ModelRunner(model, self.store, self.evict_every)
-        self.scheduler = Scheduler(self.store, min(max_batch, self.store.max_slots), chunked_prefill or 4096)
+        self.runner = ModelRunner(model, self.store)
+        self.scheduler = Scheduler(self.store, min(cfg.max_batch, self.store.max_slots), cfg.max_prefill_tokens)
         self.max_context = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
         self.eos = _eos_ids(model, tokenizer)
         self._lock = threading.RLock()
@@ -119,7 +122,7 @@ class Engine:
             return rid
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
+        with self._lock, torch.inference_mode():  # the store's tensors are inference tensors
             req = self._requests.get(request_id)
             if req is None or req.finished:
                 return
@@ -149,63 +152,64 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         with self._lock, torch.inference_mode():
             outputs, self._pending = self._pending, []
-            touched: list[Request] = []
-            sch = self.scheduler
-            decode_batch = [r for r in sch.running if r.output and not r.finished]
             with timed("schedule"):
-                admitted, never = sch.admit()
-            for req in never:
-                self._finish(req, "length", "sequence grew beyond what the KV pool can hold")
+                plan = self.scheduler.schedule()
+            touched = self._execute(plan)
+            return outputs + self._update(touched)
+
+    def _execute(self, plan: SchedulerOutput) -> list[Request]:
+        """The step's forwards; returns every request the step touched."""
+        sch = self.scheduler
+        touched = list(plan.too_long)
+        for req in plan.too_long:
+            self._finish(req, "length", "sequence grew beyond what the KV pool can hold")
+        with self.runner.attention():
+            if plan.decode:
+                touched += plan.decode
+                try:
+                    with timed("decode"):
+                        batch = DecodeBatch(self.store, plan.growth)
+                        logits = self.runner.decode(batch, [r.output[-1] for r in plan.decode],
+                                                    [len(r.context) - 1 for r in plan.decode])
+                    self.store.advance(plan.growth)
+                    with timed("sample"):
+                        tokens = self._sample(plan.decode, logits)
+                    for r, t in zip(plan.decode, tokens):
+                        self._accept(r, t)
+                    with timed("compact"):
+                        alive = [r.slot for r in plan.decode if not r.finished]
+                        if alive:
+                            evict_due(self.store, torch.tensor(alive), self.evict_every)
+                except Exception as e:  # noqa: BLE001 - the batch fails, never the engine
+                    for r in plan.decode:
+                        sch.remove(r)
+                        self._finish(r, "error", f"{type(e).__name__}: {e}")
+            for req in plan.prefill:
                 touched.append(req)
-            with self.runner.attention():
-                for req in admitted:
-                    touched.append(req)
-                    try:
-                        with timed("prefill"):
-                            ctx = req.context
-                            logits = self.runner.prefill(req.slot, ctx)
-                        req.prefills += 1
-                        self._prompt_tokens += len(ctx)
-                        self._accept(req, self._sample([req], logits[None])[0])
-                    except Exception as e:  # noqa: BLE001 - one request fails, never the engine
-                        sch.remove(req)
-                        self._finish(req, "error", f"{type(e).__name__}: {e}")
-                if decode_batch:
-                    with timed("schedule"):
-                        batch, plan, stuck = sch.plan_decode([r for r in decode_batch if r in sch.running])
-                    for req in stuck:
-                        self._finish(req, "length", "sequence grew beyond what the KV pool can hold")
-                        touched.append(req)
-                    if plan is not None:
-                        touched += batch
-                        try:
-                            with timed("decode"):
-                                logits = self.runner.decode(
-                                    plan, [r.output[-1] for r in batch], [len(r.context) - 1 for r in batch]
-                                )
-                            with timed("sample"):
-                                toks = self._sample(batch, logits)
-                            for r, t in zip(batch, toks):
-                                self._accept(r, t)
-                            with timed("compact"):
-                                self._compact([r for r in batch if not r.finished])
-                        except Exception as e:  # noqa: BLE001
-                            for r in batch:
-                                sch.remove(r)
-                                self._finish(r, "error", f"{type(e).__name__}: {e}")
-            for req in touched:
-                if req.finished and req.slot is not None:
+                try:
+                    with timed("prefill"):
+                        ctx = req.context
+                        logits = self.runner.prefill(req.slot, ctx)
+                    req.prefills += 1
+                    self._prompt_tokens += len(ctx)
+                    self._accept(req, self._sample([req], logits[None])[0])
+                except Exception as e:  # noqa: BLE001 - one request fails, never the engine
                     sch.remove(req)
-            seen = set()
-            for req in touched:
-                if req.request_id in seen or (not req.new_tokens and not req.finished):
-                    continue
-                if req in sch.waiting and not req.finished:  # preempted after producing tokens
-                    if not req.new_tokens:
-                        continue
-                seen.add(req.request_id)
-                outputs.append(self._output(req))
-            return outputs
+                    self._finish(req, "error", f"{type(e).__name__}: {e}")
+        return touched
+
+    def _update(self, touched: list[Request]) -> list[RequestOutput]:
+        """Free what finished; one output per request that produced tokens or finished."""
+        outputs, seen = [], set()
+        for req in touched:
+            if req.finished and req.slot is not None:
+                self.scheduler.remove(req)
+        for req in touched:
+            if req.request_id in seen or (not req.new_tokens and not req.finished):
+                continue
+            seen.add(req.request_id)
+            outputs.append(self._output(req))
+        return outputs
 
     def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
         """Run prompts (token id lists, or strings with a tokenizer) to completion."""
@@ -244,6 +248,7 @@ class Engine:
         if req.finish_reason is None:
             req.finish_reason, req.error = reason, error
             req.finish_time = time.perf_counter()
+            req.status = RequestStatus.FINISHED
 
     def _output(self, req: Request) -> RequestOutput:
         out = RequestOutput(req.request_id, list(req.new_tokens), req.finished, req.finish_reason, len(req.prompt),
@@ -281,22 +286,3 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter_(0, idx, sp_probs)
             toks[i] = int(torch.multinomial(probs, 1, generator=r.generator).item())
         return toks
-
-    def _compact(self, reqs: list[Request]) -> None:
-        st = self.store
-        if not self.method.selector.evicts_in_decode:
-            return
-        for r in reqs:
-            m = st.meta[r.slot]
-            for layer in range(st.L):
-                h = m.hold[layer]
-                if h is not None and m.n[layer] >= h + self.evict_every:
-                    compact(st, r.slot, layer)
-
-
-def reset_timers() -> None:
-    TIMERS.clear()
-
-
-def timers() -> dict[str, float]:
-    return dict(TIMERS)

@@ -1,33 +1,30 @@
-"""Blocks of codec bytes.
+"""Blocks of codec bytes, and every sequence's storage counters: the bottom layer of the engine.
 
 Storage model
 -------------
 A *block* holds ``block_size`` token positions of one sequence for one layer and all KV heads, in the
-codec's real storage: for each payload field of the key encoder and of the value encoder, one slice
-of a preallocated tensor with a leading block dimension. Block ids are global: every layer draws
-from one pool, so a layer that keeps fewer tokens (PyramidKV's deep layers) uses fewer blocks.
-Block 0 is a null block that is never handed out (padding in block tables points at it).
+codec's real storage: for each payload field its encoder declares (``Encoder.layout``), one slice of a
+preallocated tensor with a leading block dimension. Block ids are global: every layer draws from one
+pool, so a layer that keeps fewer tokens (PyramidKV's deep layers) uses fewer blocks. Block 0 is a
+null block that is never handed out (padding in block tables points at it).
 
 Keys and values are separate *streams* (their own encoded count and full-precision residual, as the
-codec's ``StreamPolicy`` says), but share the block: the key part of block ``j`` holds encoded keys
-of positions ``[j*bs, (j+1)*bs)`` and the value part the same positions' values; a block is taken when
-either stream first needs it.
-
-Payload fields are stored chunk by chunk (``encoder.chunk`` tokens), so a stream can write a
-partial block (KIVI's values leave the residual one token at a time). The field layout is
-discovered by encoding a dummy chunk of ``chunk`` and ``2*chunk`` tokens: each field must have exactly
-one dimension that grows with the token count.
+codec's ``StreamPolicy`` says) but share the block: the key part of block ``j`` holds encoded keys of
+positions ``[j*bs, (j+1)*bs)`` and the value part the same positions' values.
 
 Full-precision residuals (KIVI's window) live in per-slot ring buffers; their bytes are counted by
-reserving ``residual_blocks`` pool blocks per admitted sequence, so ``kv_bytes_used`` is exact. (The
-ring buffers themselves are preallocated next to the pool; the reserved block ids stay unused.)
+reserving ``residual_blocks`` pool blocks per admitted sequence, so ``bytes_used`` is exact.
+
+Counters are tensors ``[slots, layers]`` on the host (``SlotCounters``), so a step's bookkeeping is a
+few tensor ops over the batch and every layer at once; ``allocate`` answers a step's need for blocks
+with the growth it planned, or ``None`` (a refusal) when the pool cannot hold it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -59,71 +56,55 @@ class PoolExhausted(RuntimeError):
 
 
 class BlockPool:
-    """Free list of block ids ``1..num_blocks`` (0 is the null block). Exact: a double free or a
-    foreign id raises."""
+    """Free stack of block ids ``1..num_blocks`` (0 is the null block), as tensors. Exact: a double
+    free or a foreign id raises."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks, 0, -1))
-        self._used: set[int] = set()
+        self._stack = torch.arange(num_blocks, 0, -1, dtype=torch.long)
+        self._top = num_blocks  # ids [0, top) of the stack are free
+        self._in_use = torch.zeros(num_blocks + 1, dtype=torch.bool)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._top
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return self.num_blocks - self._top
 
-    def alloc(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"need {n} blocks, {len(self._free)} free")
-        ids = [self._free.pop() for _ in range(n)]
-        self._used.update(ids)
+    def alloc(self, n: int) -> torch.Tensor:
+        if n > self._top:
+            raise PoolExhausted(f"need {n} blocks, {self._top} free")
+        ids = self._stack[self._top - n : self._top].clone()
+        self._top -= n
+        self._in_use[ids] = True
         return ids
 
-    def free(self, ids) -> None:
-        for i in ids:
-            if i not in self._used:
-                raise AssertionError(f"block {i} freed but not in use")
-            self._used.remove(i)
-            self._free.append(i)
-
-
-@dataclass
-class FieldLayout:
-    name: str
-    per_chunk: tuple[int, ...]  # payload shape of one chunk, batch dim dropped
-    tok_dim: int  # the dimension (in per_chunk) that grows with tokens
-    dtype: torch.dtype
-
-    def block_shape(self, nch: int) -> tuple[int, ...]:
-        s = self.per_chunk
-        return (*s[: self.tok_dim], nch, *s[self.tok_dim :])
+    def free(self, ids: torch.Tensor | list[int]) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.numel() == 0:
+            return
+        if not bool(self._in_use[ids].all()) or ids.unique().numel() != ids.numel():
+            raise AssertionError(f"blocks freed but not in use: {ids.tolist()}")
+        self._in_use[ids] = False
+        self._stack[self._top : self._top + ids.numel()] = ids
+        self._top += ids.numel()
 
 
 class StreamLayout:
-    """Where one encoder's payload fields live inside a block."""
+    """Where one encoder's payload fields live inside a block, and its residual ring's size."""
 
     def __init__(self, enc: Encoder, policy: StreamPolicy, heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype):
         self.enc, self.policy = enc, policy
-        c = self.chunk = int(getattr(enc, "chunk", 1))
+        c = self.chunk = int(enc.chunk)
         if block_size % c:
             raise ValueError(f"block_size={block_size} must be a multiple of the codec's chunk ({c})")
         if policy.residual and policy.residual % c:
             raise ValueError(f"residual {policy.residual} is not a multiple of the encoder chunk {c}")
         self.nch = block_size // c
-        g = torch.Generator().manual_seed(0)
-        p1 = enc.encode(torch.randn(1, heads, c, head_dim, generator=g).to(dtype))
-        p2 = enc.encode(torch.randn(1, heads, 2 * c, head_dim, generator=g).to(dtype))
-        self.fields: list[FieldLayout] = []
-        for name, t1 in p1.items():
-            s1, s2 = tuple(t1.shape[1:]), tuple(p2[name].shape[1:])
-            diff = [i for i in range(len(s1)) if s1[i] != s2[i]]
-            if len(diff) != 1 or s2[diff[0]] != 2 * s1[diff[0]]:
-                raise ValueError(f"payload field {name!r} has no single token dimension ({s1} vs {s2})")
-            self.fields.append(FieldLayout(name, s1, diff[0], t1.dtype))
+        self.fields = enc.layout(heads, head_dim, dtype)
         self.block_bytes = sum(
             math.prod(f.block_shape(self.nch)) * torch.empty(0, dtype=f.dtype).element_size() for f in self.fields
         )
@@ -137,18 +118,55 @@ class StreamLayout:
             self.ring = r
         else:
             self.ring = r + c
-        # n_to_encode as a lookup table over residual lengths 0..ring
-        self.lut = [policy.n_to_encode(n, c) if self.ring else n for n in range(max(self.ring, 1) + 2)]
+        # tokens encoded out of a residual of n tokens, as a table over n = 0..ring+1
+        self.lut = torch.tensor([policy.n_to_encode(n, c) if self.ring else n for n in range(max(self.ring, 1) + 2)])
 
     def n_to_encode(self, n_residual: int) -> int:
-        if not self.ring:
-            return n_residual
-        return self.policy.n_to_encode(n_residual, self.chunk)
+        return self.policy.n_to_encode(n_residual, self.chunk) if self.ring else n_residual
+
+
+@dataclass
+class SlotCounters:
+    """Per slot and layer (``[slots, layers]`` long tensors): what each stream holds."""
+
+    encoded_k: torch.Tensor  # keys encoded into blocks
+    encoded_v: torch.Tensor
+    ring_k_start: torch.Tensor  # key residual ring: first slot and length
+    ring_k_len: torch.Tensor
+    ring_v_start: torch.Tensor
+    ring_v_len: torch.Tensor
+    stored: torch.Tensor  # tokens stored (= encoded + ring length, for each stream)
+    blocks: torch.Tensor  # blocks held
+
+    @classmethod
+    def zeros(cls, slots: int, layers: int) -> SlotCounters:
+        return cls(*(torch.zeros(slots, layers, dtype=torch.long) for _ in fields(cls)))
+
+    def rows(self, slots: torch.Tensor) -> SlotCounters:
+        return SlotCounters(*(getattr(self, f.name)[slots] for f in fields(self)))
+
+    def stacked(self) -> torch.Tensor:
+        """``[7, b, L]``: every counter but ``blocks`` in one tensor, for one host-to-device copy."""
+        return torch.stack([getattr(self, f.name) for f in fields(self)][:7])
+
+
+@dataclass
+class Growth:
+    """One decode step's plan for a batch of slots (``[b, L]`` host tensors): tokens each stream
+    encodes out of its residual, and the blocks each layer needs first."""
+
+    slots: torch.Tensor
+    encode_k: torch.Tensor
+    encode_v: torch.Tensor
+    new_blocks: torch.Tensor
+
+    @property
+    def blocks_needed(self) -> int:
+        return int(self.new_blocks.sum())
 
 
 class KVStore:
-    """The pool's tensors and every sequence's storage metadata, indexed by *slot* (one per admitted
-    sequence). Python lists are the source of truth for counts; tensors are built per step."""
+    """The pool's tensors and every sequence's storage, indexed by *slot* (one per admitted sequence)."""
 
     def __init__(self, config, method: CompressionMethod, kv_memory: int, block_size: int, max_slots: int,
                  dtype: torch.dtype, device: torch.device):
@@ -174,13 +192,12 @@ class KVStore:
         self.fp_token_bytes = 2 * self.L * self.H * self.D * esize  # what an uncompressed cache stores per token
         self.pool = BlockPool(self.num_blocks)
         per_seq = max(1, self.residual_blocks + self.L)
-        self.max_slots = max(1, min(max_slots, self.num_blocks // per_seq))
+        self.max_slots = S = max(1, min(max_slots, self.num_blocks // per_seq))
         nb = self.num_blocks + 1
         self.kf = {f.name: torch.zeros(nb, *f.block_shape(self.k.nch), dtype=f.dtype, device=device)
                    for f in self.k.fields}
         self.vf = {f.name: torch.zeros(nb, *f.block_shape(self.v.nch), dtype=f.dtype, device=device)
                    for f in self.v.fields}
-        S = self.max_slots
         self.kres = (torch.zeros(self.L, S, self.H, self.k.ring, self.D, dtype=dtype, device=device)
                      if self.k.ring else None)
         self.vres = (torch.zeros(self.L, S, self.H, self.v.ring, self.D, dtype=dtype, device=device)
@@ -189,8 +206,11 @@ class KVStore:
         max_ctx = int(getattr(config, "max_position_embeddings", 0) or 1 << 15)
         self.max_blocks_per_layer = min(-(-max_ctx // block_size) + 2, self.num_blocks + 1)
         self.table = torch.zeros(S, self.L, self.max_blocks_per_layer, dtype=torch.long)  # block ids, 0 = null
-        # per slot, per layer: encoded counts, ring start and length, block lists
-        self.meta: dict[int, SlotMeta] = {}
+        self.counters = SlotCounters.zeros(S, self.L)
+        self.reserved: dict[int, torch.Tensor] = {}  # slot -> blocks that pay for its residual ring
+        self.hold = torch.full((S, self.L), -1, dtype=torch.long)  # decode hold per layer, -1: none
+        sel = method.selector
+        self.selector_states = [sel.new_state(layer, self.L, rows=S) for layer in range(self.L)]
 
     # -------------------------------------------------------------------------------- accounting
     @property
@@ -200,6 +220,10 @@ class KVStore:
     @property
     def bytes_used(self) -> int:
         return self.pool.num_used * self.block_bytes
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
 
     def kept_per_layer(self, length: int) -> list[int]:
         sel = self.method.selector
@@ -211,126 +235,152 @@ class KVStore:
 
     def blocks_for(self, kept: list[int]) -> int:
         """Blocks a freshly stored sequence with ``kept[l]`` tokens per layer takes (residual included)."""
-        total = self.residual_blocks
-        for n in kept:
-            enc = max(self.k.n_to_encode(n), self.v.n_to_encode(n))
-            total += -(-enc // self.bs)
-        return total
+        return self.residual_blocks + sum(self._layer_blocks(n) for n in kept)
+
+    def _layer_blocks(self, n: int) -> int:
+        return -(-max(self.k.n_to_encode(n), self.v.n_to_encode(n)) // self.bs)
 
     def blocks_for_prompt(self, length: int) -> int:
         return self.blocks_for(self.kept_per_layer(length))
 
     # ------------------------------------------------------------------------------------- slots
-    def open_slot(self) -> int:
-        if not self._free_slots:
-            raise PoolExhausted("no free sequence slot")
-        if self.pool.num_free < self.residual_blocks:
-            raise PoolExhausted("no room for the residual window")
+    def open_slot(self, length: int, keep_free: int = 0) -> int | None:
+        """A slot with every block a prompt of ``length`` tokens takes once stored, or None (a
+        refusal) when that would leave fewer than ``keep_free`` blocks free."""
+        kept = self.kept_per_layer(length)
+        if not self._free_slots or self.blocks_for(kept) + keep_free > self.pool.num_free:
+            return None
         s = self._free_slots.pop()
-        self.meta[s] = SlotMeta(self.L, self.pool.alloc(self.residual_blocks))
+        self.reserved[s] = self.pool.alloc(self.residual_blocks)
+        self._grow(torch.tensor([s]), torch.tensor([[self._layer_blocks(n) for n in kept]]))
+        sel = self.method.selector
+        self.hold[s] = torch.tensor([h if (h := sel.decode_hold(length, layer, self.L)) is not None else -1
+                                     for layer in range(self.L)])
         return s
 
     def close_slot(self, s: int) -> None:
-        m = self.meta.pop(s, None)
-        if m is None:
+        if s not in self.reserved:
             return
-        for blocks in m.blocks:
-            self.pool.free(blocks)
-        self.table[s] = 0
-        self.pool.free(m.reserved)
+        self.pool.free(self.reserved.pop(s))
+        self.free_layers(torch.tensor([s]), torch.arange(self.L))
+        self.hold[s] = -1
+        rows = torch.tensor([s], device=self.device)
+        for state in self.selector_states:
+            state.clear(rows)
         self._free_slots.append(s)
 
-    def free_layer(self, s: int, layer: int) -> None:
-        m = self.meta[s]
-        self.pool.free(m.blocks[layer])
-        m.blocks[layer] = []
-        self.table[s, layer] = 0
-        m.nk[layer] = m.nv[layer] = m.ks[layer] = m.kl[layer] = m.vs[layer] = m.vl[layer] = m.n[layer] = 0
+    def free_layers(self, slots: torch.Tensor, layers: torch.Tensor) -> None:
+        """Give back every block of ``layers`` of ``slots`` and zero their counters."""
+        c = self.counters
+        sub = self.table[slots[:, None], layers[None, :]]  # [b, l, maxb]
+        held = torch.arange(sub.shape[-1])[None, None, :] < c.blocks[slots[:, None], layers[None, :], None]
+        self.pool.free(sub[held])
+        self.table[slots[:, None], layers[None, :]] = 0
+        for f in fields(c):
+            getattr(c, f.name)[slots[:, None], layers[None, :]] = 0
+
+    def _grow(self, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
+        """Append ``new_blocks[b, l]`` fresh blocks to layer ``l`` of ``slots[b]`` (the pool has them)."""
+        total = int(new_blocks.sum())
+        if total == 0:
+            return
+        have = self.counters.blocks[slots]
+        if int((have + new_blocks).max()) > self.max_blocks_per_layer:
+            raise PoolExhausted("sequence longer than the model context")
+        ids = self.pool.alloc(total)
+        flat = new_blocks.reshape(-1)
+        cell = torch.repeat_interleave(torch.arange(flat.numel()), flat)  # which (b, l) each id goes to
+        first = torch.cumsum(flat, 0) - flat
+        col = have.reshape(-1)[cell] + torch.arange(total) - first[cell]
+        L = new_blocks.shape[1]
+        self.table[slots[cell // L], cell % L, col] = ids
+        self.counters.blocks[slots] += new_blocks
+
+    # ----------------------------------------------------------------------------- decode growth
+    def plan_growth(self, slots: torch.Tensor) -> Growth:
+        """What one more token per sequence makes each stream encode, and the blocks that takes."""
+        c = self.counters.rows(slots)
+        ek = self.k.lut[c.ring_k_len + 1] if self.k.ring else torch.ones_like(c.encoded_k)
+        ev = self.v.lut[c.ring_v_len + 1] if self.v.ring else torch.ones_like(c.encoded_v)
+        upto = torch.maximum(c.encoded_k + ek, c.encoded_v + ev)
+        new_blocks = ((upto + self.bs - 1) // self.bs - c.blocks).clamp_min(0)
+        return Growth(slots, ek, ev, new_blocks)
+
+    def allocate(self, growth: Growth) -> bool:
+        """Take the blocks ``growth`` needs; False (nothing taken) when the pool cannot hold them."""
+        if growth.blocks_needed > self.pool.num_free:
+            return False
+        self._grow(growth.slots, growth.new_blocks)
+        return True
+
+    def advance(self, growth: Growth) -> None:
+        """After the step's forward: the counters of one token more per sequence and layer."""
+        c, s = self.counters, growth.slots
+        c.encoded_k[s] += growth.encode_k
+        c.encoded_v[s] += growth.encode_v
+        c.stored[s] += 1
+        if self.k.ring:
+            c.ring_k_start[s] = (c.ring_k_start[s] + growth.encode_k) % self.k.ring
+            c.ring_k_len[s] += 1 - growth.encode_k
+        if self.v.ring:
+            c.ring_v_start[s] = (c.ring_v_start[s] + growth.encode_v) % self.v.ring
+            c.ring_v_len[s] += 1 - growth.encode_v
 
     # ------------------------------------------------------------------------------------- writes
-    def ensure_blocks(self, s: int, layer: int, upto: int) -> None:
-        m = self.meta[s]
-        need = -(-upto // self.bs) - len(m.blocks[layer])
-        if need > 0:
-            have = len(m.blocks[layer])
-            if have + need > self.max_blocks_per_layer:
-                raise PoolExhausted("sequence longer than the model context")
-            ids = self.pool.alloc(need)
-            m.blocks[layer].extend(ids)
-            self.table[s, layer, have : have + need] = torch.tensor(ids)
-
-    def write_encoded(self, side: str, slots: list[int], layer: int, starts: list[int], x: torch.Tensor) -> None:
+    def write_encoded(self, side: str, tables: torch.Tensor, starts: torch.Tensor, x: torch.Tensor) -> None:
         """Encode ``x`` [G, H, n, D] (n a multiple of the chunk) and write it at token positions
-        ``starts[g] ..`` of each slot's blocks of ``layer`` (blocks must exist)."""
-        lay, fields = (self.k, self.kf) if side == "k" else (self.v, self.vf)
+        ``starts[g] ..`` of the blocks ``tables[g]`` (one layer's block ids; on the pool's device)."""
+        lay, store = (self.k, self.kf) if side == "k" else (self.v, self.vf)
         G, _, n, _ = x.shape
         if n == 0:
             return
         c = lay.chunk
         nchunks = n // c
         payload = lay.enc.encode(x)
-        bs = self.bs
-        if G * nchunks <= 256:
-            blk_l, sl_l = [], []
-            for s, p0 in zip(slots, starts):
-                blocks = self.meta[s].blocks[layer]
-                for p in range(p0, p0 + n, c):
-                    blk_l.append(blocks[p // bs])
-                    sl_l.append((p % bs) // c)
-            blk = torch.tensor(blk_l, device=self.device)
-            sl = torch.tensor(sl_l, device=self.device)
-        else:
-            pos = torch.tensor(starts).view(G, 1) + torch.arange(0, n, c).view(1, nchunks)
-            tab = self.table[torch.tensor(slots), layer]
-            blk = tab.gather(1, pos // bs).view(-1).to(self.device)
-            sl = ((pos % bs) // c).view(-1).to(self.device)
+        pos = starts.view(G, 1) + torch.arange(0, n, c, device=starts.device).view(1, nchunks)
+        blk = tables.gather(1, pos // self.bs).view(-1)
+        within = ((pos % self.bs) // c).view(-1)
         for f in lay.fields:
-            t = payload[f.name]
-            d = f.tok_dim
-            s = f.per_chunk
-            piece = t.reshape(G, *s[:d], nchunks, s[d], *s[d + 1 :]).movedim(1 + d, 1)
-            piece = piece.reshape(G * nchunks, *s)
-            fields[f.name].movedim(1 + d, 1)[blk, sl] = piece.to(fields[f.name].dtype)
+            t, d, s = payload[f.name], f.tok_dim, f.per_chunk
+            piece = t.reshape(G, *s[:d], nchunks, s[d], *s[d + 1 :]).movedim(1 + d, 1).reshape(G * nchunks, *s)
+            store[f.name].movedim(1 + d, 1)[blk, within] = piece.to(store[f.name].dtype)
 
-    def store(self, s: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``, ``v`` [1, H, T, D] into an empty layer of slot ``s`` (prefill, or a compaction)."""
-        m = self.meta[s]
+    def store(self, slots: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` [G, H, T, D] into layer ``layer`` of ``slots`` [G], which hold nothing
+        there yet (a prefill, whose blocks ``open_slot`` took, or a compaction that freed the layer)."""
         T = k.shape[-2]
         nk, nv = self.k.n_to_encode(T), self.v.n_to_encode(T)
-        self.ensure_blocks(s, layer, max(nk, nv))
-        self.write_encoded("k", [s], layer, [0], k[:, :, :nk])
-        self.write_encoded("v", [s], layer, [0], v[:, :, :nv])
+        new_blocks = torch.zeros(len(slots), self.L, dtype=torch.long)
+        new_blocks[:, layer] = (-(-max(nk, nv) // self.bs) - self.counters.blocks[slots, layer]).clamp_min(0)
+        self._grow(slots, new_blocks)
+        tables = self.table[slots, layer].to(self.device)
+        zero = torch.zeros(len(slots), dtype=torch.long, device=self.device)
+        self.write_encoded("k", tables, zero, k[:, :, :nk])
+        self.write_encoded("v", tables, zero, v[:, :, :nv])
+        rows = slots.to(self.device)
         if self.kres is not None and T > nk:
-            self.kres[layer, s, :, : T - nk] = k[0, :, nk:]
+            self.kres[layer, rows, :, : T - nk] = k[:, :, nk:]
         if self.vres is not None and T > nv:
-            self.vres[layer, s, :, : T - nv] = v[0, :, nv:]
-        m.nk[layer], m.nv[layer], m.n[layer] = nk, nv, T
-        m.ks[layer], m.kl[layer], m.vs[layer], m.vl[layer] = 0, T - nk, 0, T - nv
+            self.vres[layer, rows, :, : T - nv] = v[:, :, nv:]
+        c = self.counters
+        c.encoded_k[slots, layer], c.encoded_v[slots, layer], c.stored[slots, layer] = nk, nv, T
+        c.ring_k_start[slots, layer], c.ring_k_len[slots, layer] = 0, T - nk
+        c.ring_v_start[slots, layer], c.ring_v_len[slots, layer] = 0, T - nv
 
     # -------------------------------------------------------------------------------------- reads
     def read_blocks(self, side: str, ids: torch.Tensor) -> torch.Tensor:
         """Decode blocks ``ids`` [N] -> [N, H, block_size, D]."""
-        lay, fields = (self.k, self.kf) if side == "k" else (self.v, self.vf)
+        return self.encoder(side).decode(self.read_payload(side, ids), self.dtype)
+
+    def read_payload(self, side: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The payload of blocks ``ids`` [N], as the encoder would have produced it for N sequences."""
+        lay, store = (self.k, self.kf) if side == "k" else (self.v, self.vf)
         payload = {}
         for f in lay.fields:
-            g = fields[f.name].index_select(0, ids)
+            g = store[f.name].index_select(0, ids)
             s, d = f.per_chunk, f.tok_dim
             payload[f.name] = g.view(ids.shape[0], *s[:d], lay.nch * s[d], *s[d + 1 :])
-        return lay.enc.decode(payload, self.dtype)
+        return payload
 
-
-class SlotMeta:
-    """One admitted sequence's storage: per layer, blocks and the two streams' counters."""
-
-    def __init__(self, L: int, reserved: list[int]):
-        self.reserved = reserved
-        self.blocks: list[list[int]] = [[] for _ in range(L)]
-        self.nk = [0] * L  # keys encoded into blocks
-        self.nv = [0] * L
-        self.ks = [0] * L  # key residual ring: start, length
-        self.kl = [0] * L
-        self.vs = [0] * L
-        self.vl = [0] * L
-        self.n = [0] * L  # tokens stored (= nk + kl = nv + vl)
-        self.acc: torch.Tensor | None = None  # [L, Hq, cap] accumulated attention (H2O)
-        self.hold: list[int | None] = [None] * L
+    def encoder(self, side: str) -> Encoder:
+        return self.k.enc if side == "k" else self.v.enc

@@ -1,4 +1,4 @@
-"""Packs a batch and runs an unmodified HF decoder through transformers' attention interface.
+"""One forward per call, through an unmodified HF decoder and transformers' attention interface.
 
 ``AttentionInterface.register("kvshrink_paged", paged_attention)``; the model is called with
 ``kvshrink_batch=<context>`` and ``use_cache=False``: transformers forwards the kwarg down to every
@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from kvshrink.engine.attention import StepPlan, decode_attention, prefill_attention, timed
+from kvshrink.engine.attention import decode_attention, prefill_attention
+from kvshrink.engine.batch import DecodeBatch
 from kvshrink.engine.pool import KVStore
+from kvshrink.engine.timers import timed
 from kvshrink.errors import CompressionNotInEffect, untested_transformers
 
 ATTN_NAME = "kvshrink_paged"
@@ -26,16 +28,12 @@ ATTN_NAME = "kvshrink_paged"
 class PrefillContext:
     store: KVStore
     slot: int
-    acc_cap: int
-    mode: str = "prefill"
     layers_run: int = 0
 
 
 @dataclass
 class DecodeContext:
-    plan: StepPlan
-    needs_acc: bool
-    mode: str = "decode"
+    batch: DecodeBatch
     layers_run: int = 0
 
 
@@ -48,20 +46,18 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                                              enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     ctx.layers_run += 1
-    if ctx.mode == "prefill":
-        return prefill_attention(ctx, module, query, key, value, scaling), None
-    return decode_attention(ctx.plan, module, query, key, value, scaling, ctx.needs_acc), None
+    if isinstance(ctx, PrefillContext):
+        return prefill_attention(ctx.store, ctx.slot, module, query, key, value, scaling), None
+    return decode_attention(ctx.batch, module, query, key, value, scaling), None
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)
 
 
 class ModelRunner:
-    def __init__(self, model, store: KVStore, evict_every: int):
-        self.model, self.store, self.evict_every = model, store, evict_every
+    def __init__(self, model, store: KVStore):
+        self.model, self.store = model, store
         self.device = store.device
-        sel = store.method.selector
-        self.needs_acc = sel.needs == "accumulated" and sel.evicts_in_decode
 
     @contextlib.contextmanager
     def attention(self):
@@ -73,12 +69,6 @@ class ModelRunner:
         finally:
             if prev != ATTN_NAME:
                 self.model.set_attn_implementation(prev)
-
-    def acc_cap(self, length: int) -> int:
-        sel = self.store.method.selector
-        holds = [sel.budget(length, layer, self.store.L) for layer in range(self.store.L)]
-        top = max([h for h in holds if h is not None] + [getattr(sel, "budget_tokens", 0) or 0, length])
-        return top + self.evict_every + 1
 
     def _check_every_layer_ran(self, ctx: PrefillContext | DecodeContext) -> None:
         if ctx.layers_run != self.store.L:
@@ -92,30 +82,19 @@ class ModelRunner:
         """Run the prompt of one sequence; store its (selected, encoded) KV; return last logits [V]."""
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(token_ids), device=self.device)[None]
-        ctx = PrefillContext(self.store, slot, self.acc_cap(len(token_ids)))
+        ctx = PrefillContext(self.store, slot)
         with timed("prefill.forward"):
             out = self.model(input_ids=ids, position_ids=pos, kvshrink_batch=ctx, use_cache=False, logits_to_keep=1)
         self._check_every_layer_ran(ctx)
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
-    def decode(self, plan: StepPlan, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each sequence of the plan; returns logits [B, V]."""
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[:, None]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
-        if self.needs_acc:
-            accs = [self.store.meta[s].acc for s in plan.slots]
-            present = [a for a in accs if a is not None]
-            if present:
-                st = self.store
-                cap = max(a.shape[-1] for a in present)
-                plan.acc = torch.zeros(len(accs), st.L, st.Hq, cap, dtype=torch.float32, device=self.device)
-                for b, a in enumerate(accs):
-                    if a is not None:
-                        plan.acc[b, :, :, : a.shape[-1]] = a
-        ctx = DecodeContext(plan, self.needs_acc and plan.acc is not None)
+    def decode(self, batch: DecodeBatch, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each sequence of the batch; returns logits [B, V]."""
+        ids_pos = torch.tensor([token_ids, positions], dtype=torch.long).to(self.device)
+        ctx = DecodeContext(batch)
         with timed("decode.forward"):
-            out = self.model(input_ids=ids, position_ids=pos, kvshrink_batch=ctx, use_cache=False, logits_to_keep=1)
+            out = self.model(input_ids=ids_pos[0, :, None], position_ids=ids_pos[1, :, None], kvshrink_batch=ctx,
+                             use_cache=False, logits_to_keep=1)
         self._check_every_layer_ran(ctx)
-        plan.finish()
         return out.logits[:, -1].float()

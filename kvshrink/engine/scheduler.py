@@ -1,54 +1,36 @@
-"""Who runs next: continuous batching, first come first served.
+"""Who runs next: continuous batching, first come first served. Imports only the pool.
 
-- **Admission** by free blocks: the head of the waiting queue is admitted when the pool holds the
-  blocks its prompt needs under the method (selected tokens, encoded, residual window reserved) plus
-  a watermark of one block per layer for every running sequence's next growth. Methods that evict
-  while decoding hold their budget (their sequences stop growing); the others grow by their bytes
-  per token, which the per-step plan accounts exactly. FCFS: a request that does not fit blocks the
-  ones behind it (no overtaking). At most ``max_prefill_tokens`` prompt tokens are prefilled per step
-  (at least one request), so decoding sequences are not starved by a burst of arrivals.
-- **Preemption by recompute**: when a decode step needs more blocks than are free, the youngest
-  running sequence (last admitted) loses all its blocks and goes back to the head of the waiting
-  queue; when re-admitted it prefills prompt + generated tokens and continues.
+Each step, in this order (as vLLM's scheduler: running sequences first, then the queue):
+- **Decode** every running sequence: the pool is asked for the blocks one more token takes
+  (``KVStore.plan_growth`` then ``allocate``: a plan, or a refusal). On a refusal the youngest running
+  sequence (last admitted) is *preempted by recompute*: it gives back every block and goes to the
+  head of the queue; when re-admitted it prefills prompt + generated tokens and continues. A sequence
+  that cannot grow even alone finishes with ``length``.
+- **Admit** from the head of the queue while a slot is free and the pool holds the blocks the prompt
+  takes under the method (selected tokens, encoded, residual window reserved) plus a watermark of
+  one block per layer for every running sequence's next growth. Methods that evict while decoding
+  hold their budget (their sequences stop growing); the others grow by their bytes per token. FCFS:
+  a request that does not fit blocks the ones behind it (no overtaking). At most
+  ``max_prefill_tokens`` prompt tokens are admitted per step (at least one request).
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from kvshrink.engine.attention import StepPlan
-from kvshrink.engine.pool import KVStore
-from kvshrink.engine.types import SamplingParams
+from kvshrink.engine.pool import Growth, KVStore
+from kvshrink.engine.request import Request, RequestStatus
 
 
 @dataclass
-class Request:
-    request_id: str
-    prompt: list[int]
-    sampling: SamplingParams
-    arrival: float = field(default_factory=time.perf_counter)
-    output: list[int] = field(default_factory=list)
-    slot: int | None = None
-    order: int = 0  # admission order; the largest is the youngest
-    finish_reason: str | None = None
-    error: str | None = None
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    generator: torch.Generator | None = None
-    new_tokens: list[int] = field(default_factory=list)  # produced in the current step
-    prefills: int = 0
-
-    @property
-    def context(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+class SchedulerOutput:
+    decode: list[Request] = field(default_factory=list)  # one token each, blocks taken (``growth``)
+    growth: Growth | None = None
+    prefill: list[Request] = field(default_factory=list)  # admitted: slot open, prompt blocks taken
+    too_long: list[Request] = field(default_factory=list)  # can never fit the pool: to finish
 
 
 class Scheduler:
@@ -76,59 +58,54 @@ class Scheduler:
             self.store.close_slot(req.slot)
             req.slot = None
 
-    def admit(self) -> tuple[list[Request], list[Request]]:
-        """Requests to prefill this step (now running, slots open), and requests that can never fit."""
-        st = self.store
-        out: list[Request] = []
-        never: list[Request] = []
-        budget = self.max_prefill_tokens
-        promised = 0  # blocks the requests admitted in this loop will take at prefill
-        while self.waiting and len(self.running) < self.max_batch:
-            req = self.waiting[0]
-            n = len(req.context)
-            if out and n > budget:
-                break
-            prompt_blocks = st.blocks_for_prompt(n)
-            need = prompt_blocks + st.L * len(self.running)
-            if prompt_blocks + st.L > st.num_blocks:  # grown past what the pool can ever hold
-                self.waiting.popleft()
-                never.append(req)
-                continue
-            if need > st.pool.num_free - promised or not st._free_slots:
-                break
-            promised += prompt_blocks - st.residual_blocks  # open_slot takes the residual blocks now
-            self.waiting.popleft()
-            req.slot = st.open_slot()
-            self._order += 1
-            req.order = self._order
-            self.running.append(req)
-            out.append(req)
-            budget -= n
-        return out, never
-
     def preempt(self, req: Request) -> None:
         self.remove(req)
         req.new_tokens = []
+        req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.preemptions += 1
 
-    def plan_decode(self, batch: list[Request]) -> tuple[list[Request], StepPlan | None, list[Request]]:
-        """Blocks for one decode step of ``batch``; preempts the youngest running sequences until they
-        fit. Returns (batch, plan, requests that cannot grow even alone)."""
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._schedule_decode(out)
+        self._admit(out)
+        return out
+
+    def _schedule_decode(self, out: SchedulerOutput) -> None:
         st = self.store
-        stuck: list[Request] = []
+        batch = list(self.running)
         while batch:
-            plan = StepPlan(st, [r.slot for r in batch], new_token=True)
-            need = int(plan.blocks_needed().sum())
-            if need <= st.pool.num_free:
-                plan.allocate()
-                return batch, plan, stuck
+            growth = st.plan_growth(torch.tensor([r.slot for r in batch]))
+            if st.allocate(growth):
+                out.decode, out.growth = batch, growth
+                return
             victim = max(self.running, key=lambda r: r.order)
             if len(self.running) == 1:  # alone and still no room: it can never grow
-                stuck.append(victim)
                 self.remove(victim)
-                batch = [r for r in batch if r is not victim]
-                continue
-            self.preempt(victim)
+                out.too_long.append(victim)
+            else:
+                self.preempt(victim)
             batch = [r for r in batch if r is not victim]
-        return batch, None, stuck
+
+    def _admit(self, out: SchedulerOutput) -> None:
+        st = self.store
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            n = len(req.context)
+            if out.prefill and n > budget:
+                break
+            if st.blocks_for_prompt(n) + st.L > st.num_blocks:  # grown past what the pool can ever hold
+                self.waiting.popleft()
+                out.too_long.append(req)
+                continue
+            slot = st.open_slot(n, keep_free=st.L * len(self.running))
+            if slot is None:
+                break
+            self.waiting.popleft()
+            req.slot, req.status = slot, RequestStatus.RUNNING
+            self._order += 1
+            req.order = self._order
+            self.running.append(req)
+            out.prefill.append(req)
+            budget -= n

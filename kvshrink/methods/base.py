@@ -45,6 +45,22 @@ class Method:
 # --------------------------------------------------------------------------------------------- codecs
 
 
+@dataclass(frozen=True)
+class FieldLayout:
+    """One payload field of one chunk of tokens: its shape (batch dim dropped), which dimension
+    grows with the token count, and its dtype. The engine's blocks are laid out from these."""
+
+    name: str
+    per_chunk: tuple[int, ...]
+    tok_dim: int
+    dtype: torch.dtype
+
+    def block_shape(self, chunks: int) -> tuple[int, ...]:
+        """Shape of ``chunks`` chunks of this field side by side along the token dimension."""
+        s = self.per_chunk
+        return (*s[: self.tok_dim], chunks, *s[self.tok_dim :])
+
+
 class Encoder:
     """Encodes a chunk of tokens of one tensor (keys or values) and decodes it back.
 
@@ -53,6 +69,21 @@ class Encoder:
     """
 
     chunk: int = 1
+
+    def layout(self, heads: int, head_dim: int, dtype: torch.dtype) -> list[FieldLayout]:
+        """The payload's fields for one chunk. Built-in encoders declare it; this default reads it
+        off two encodings (one chunk and two), so that a new encoder works without declaring."""
+        g = torch.Generator().manual_seed(0)
+        one = self.encode(torch.randn(1, heads, self.chunk, head_dim, generator=g).to(dtype))
+        two = self.encode(torch.randn(1, heads, 2 * self.chunk, head_dim, generator=g).to(dtype))
+        fields = []
+        for name, t in one.items():
+            s1, s2 = tuple(t.shape[1:]), tuple(two[name].shape[1:])
+            grows = [i for i in range(len(s1)) if s1[i] != s2[i]]
+            if len(grows) != 1 or s2[grows[0]] != 2 * s1[grows[0]]:
+                raise ValueError(f"payload field {name!r} has no single token dimension ({s1} vs {s2})")
+            fields.append(FieldLayout(name, s1, grows[0], t.dtype))
+        return fields
 
     def encode(self, x: torch.Tensor) -> Payload:
         raise NotImplementedError
@@ -204,8 +235,8 @@ class CodecState:
 class SelectionInput:
     """What a selector sees for one layer.
 
-    ``scores``: ``[B, H_kv, T]`` importance per stored token (meaning depends on ``Selector.needs``),
-    or None when the selector needs none. ``valid``: ``[B, H_kv, T]`` False for padding.
+    ``scores``: ``[B, H_kv, T]`` attention each stored token received from the queries the selector
+    asked to observe, averaged over a KV head's query group; None when it observes none. ``valid``: ``[B, H_kv, T]`` False for padding.
     ``head_scores``: ``[B, H_q, T]`` the same statistic per query head before the group average
     (KVCrush builds its head-behaviour signatures from it).
     """
@@ -220,29 +251,101 @@ class SelectionInput:
 
 @dataclass
 class Selector(Method):
-    """Which tokens stay.
+    """Which tokens stay. The hooks below are the whole protocol; the HF path (``cache.py``) and the
+    engine call them the same way, through a :class:`SelectorState` per layer:
 
-    ``needs``: ``"none"`` (positions only), ``"window"`` (attention of the last ``window`` prompt
-    queries at prefill, SnapKV-style) or ``"accumulated"`` (attention summed over every query so far,
-    H2O-style, updated at every step). ``evicts_in_decode``: the cache is held at the budget while
-    generating; otherwise selection happens once at the end of prefill and the cache grows after.
+    - ``prefill_queries``: how many of the prompt's last queries must have their attention observed
+      (SnapKV: its window; H2O: all; position-based selectors: none);
+    - ``observes_decode``: whether every decode step's attention is observed too (H2O);
+    - ``budget``: tokens kept at the end of prefill; ``decode_hold``: tokens the cache is held at
+      while decoding (None: it grows freely after prefill);
+    - ``select``: which tokens, given the state's statistics.
     """
 
     kind: ClassVar = "selector"
-    needs: ClassVar[str] = "none"
-    evicts_in_decode: ClassVar[bool] = False
 
-    @property
-    def observation_window(self) -> int:
+    def prefill_queries(self, length: int, layer: int, num_layers: int) -> int:
         return 0
+
+    def observes_decode(self) -> bool:
+        return False
 
     def budget(self, length: int, layer: int, num_layers: int) -> int | None:
         """Tokens kept per sequence and KV head for a prompt of ``length``; None keeps everything."""
         return None
 
+    def decode_hold(self, length: int, layer: int, num_layers: int) -> int | None:
+        """Tokens per sequence and KV head the cache is cut back to while decoding; None: no eviction."""
+        return None
+
     def select(self, inp: SelectionInput, budget: int) -> torch.Tensor:
         """Indices ``[B, H_kv, budget]`` (ascending) of the tokens to keep."""
         raise NotImplementedError
+
+    def new_state(self, layer: int, num_layers: int, rows: int) -> SelectorState:
+        return SelectorState(self, layer, num_layers, rows)
+
+
+class SelectorState:
+    """A selector's memory of one layer's stored tokens, for ``rows`` sequences (the HF path's batch,
+    or the engine's slots), column ``j`` being the ``j``-th stored token of a row.
+
+    ``observe`` takes attention summed over queries, ``[b, H_q, T]`` over a row's first ``T`` stored
+    tokens. A selector that observes decoding (H2O) accumulates it for the life of the sequence;
+    for the others the prefill statistics live only until the ``select`` they feed.
+    """
+
+    def __init__(self, selector: Selector, layer: int, num_layers: int, rows: int):
+        self.selector, self.layer, self.num_layers, self.rows = selector, layer, num_layers, rows
+        self.persistent = selector.observes_decode()
+        self.scores: torch.Tensor | None = None  # [rows, H_q, capacity] float32
+        self._transient: torch.Tensor | None = None
+
+    def observe(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
+        if not self.persistent:
+            self._transient = scores.float()
+            return
+        T = scores.shape[-1]
+        if self.scores is None:
+            self.scores = scores.new_zeros(self.rows, scores.shape[1], T, dtype=torch.float32)
+        elif self.scores.shape[-1] < T:  # grow by at least half, so a decode loop reallocates rarely
+            grow = max(T, self.scores.shape[-1] * 3 // 2) - self.scores.shape[-1]
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(*self.scores.shape[:2], grow)], dim=-1)
+        self.scores[rows, :, :T] += scores.float()
+
+    def selection_input(self, rows: torch.Tensor, valid: torch.Tensor) -> SelectionInput:
+        """What ``select`` sees for ``rows`` whose stored tokens are ``valid`` ``[b, H_kv, T]``."""
+        T, H = valid.shape[-1], valid.shape[1]
+        head = self._transient if not self.persistent else None
+        if self.persistent and self.scores is not None:
+            head = self.scores[rows, :, :T]
+            if head.shape[-1] < T:
+                head = torch.cat([head, head.new_zeros(*head.shape[:2], T - head.shape[-1])], dim=-1)
+        self._transient = None
+        scores = None
+        if head is not None:
+            B, Hq, _ = head.shape
+            scores = head.view(B, H, Hq // H, T).mean(2)
+        return SelectionInput(length=T, layer=self.layer, num_layers=self.num_layers, valid=valid,
+                              scores=scores, head_scores=head)
+
+    def select(self, rows: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
+        return self.selector.select(self.selection_input(rows, valid), budget)
+
+    def keep(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
+        """The rows' stored tokens became ``idx`` ``[b, H_kv, n]``: carry their statistics along."""
+        if self.scores is None:
+            return
+        b, H, n = idx.shape
+        Hq = self.scores.shape[1]
+        kept = self.scores[rows].gather(2, idx.repeat_interleave(Hq // H, dim=1))
+        self.scores[rows] = 0.0
+        self.scores[rows, :, :n] = kept
+
+    def clear(self, rows: torch.Tensor) -> None:
+        """The rows' sequences are gone (engine slots freed)."""
+        if self.scores is not None:
+            self.scores[rows] = 0.0
 
 
 @dataclass
@@ -257,6 +360,7 @@ class BudgetSelector(Selector):
     ratio: float = 0.0
 
     SPEC_ALIASES: ClassVar[dict[str, str]] = {"budget": "budget_tokens"}
+    rolling: ClassVar[bool] = False  # re-applies its rule at every decode step (H2O, StreamingLLM)
 
     def __post_init__(self) -> None:
         check(self.budget_tokens >= 0, f"{self.name}: budget must be >= 0, got {self.budget_tokens}")
@@ -285,6 +389,23 @@ class BudgetSelector(Selector):
 
     def budget(self, length: int, layer: int, num_layers: int) -> int | None:
         return self.base_budget(length)
+
+    def observed_queries(self, length: int) -> int:
+        """Prompt queries (the last ones) whose attention the rule reads; 0: it reads positions only."""
+        return 0
+
+    def prefill_queries(self, length: int, layer: int, num_layers: int) -> int:
+        selects = (self.budget(length, layer, num_layers) is not None
+                   or self.decode_hold(length, layer, num_layers) is not None)
+        return self.observed_queries(length) if selects else 0
+
+    def decode_hold(self, length: int, layer: int, num_layers: int) -> int | None:
+        return self.rolling_hold(length, layer, num_layers) if self.rolling else None
+
+    def rolling_hold(self, length: int, layer: int, num_layers: int) -> int | None:
+        """A rolling rule holds the prompt's budget, or ``budget=N`` once a short prompt grew to N."""
+        b = self.budget(length, layer, num_layers)
+        return b if b is not None else (self.budget_tokens or None)
 
     def spec(self) -> str:
         return super().spec().replace("budget_tokens=", "budget=")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvshrink.methods.base import Codec, Encoder, Payload, Selector
+from kvshrink.methods.base import Codec, Encoder, FieldLayout, Payload, Selector
 from kvshrink.methods.registry import register
 
 
@@ -27,6 +27,9 @@ class Identity(Encoder):
 
     def decode(self, p: Payload, dtype: torch.dtype) -> torch.Tensor:
         return p["x"].to(dtype)
+
+    def layout(self, heads: int, head_dim: int, dtype: torch.dtype) -> list[FieldLayout]:
+        return [FieldLayout("x", (heads, 1, head_dim), 1, dtype)]
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int) -> float:
         return head_dim * dtype_bytes

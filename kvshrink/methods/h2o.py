@@ -34,8 +34,7 @@ class H2O(BudgetSelector):
     """
 
     name = "h2o"
-    needs = "accumulated"
-    evicts_in_decode = True
+    rolling = True
 
     recent_ratio: float = 0.5
 
@@ -48,6 +47,12 @@ class H2O(BudgetSelector):
 
     def min_budget(self) -> int:
         return 1
+
+    def observed_queries(self, length: int) -> int:
+        return length
+
+    def observes_decode(self) -> bool:
+        return True
 
     def recent(self, budget: int) -> int:
         """Recent-window size for a budget (the rest of the budget goes to heavy hitters)."""

@@ -72,18 +72,15 @@ class KVCrush(BudgetSelector):
         self._base = BASES[self.base]()
         super().__post_init__()
 
-    # The base selector decides what statistics the cache collects and whether eviction repeats.
-    @property
-    def needs(self) -> str:  # type: ignore[override]
-        return self._base.needs
+    # The base selector decides what the cache observes and whether eviction repeats.
+    def observed_queries(self, length: int) -> int:
+        return self._base.observed_queries(length)
 
-    @property
-    def evicts_in_decode(self) -> bool:  # type: ignore[override]
-        return self._base.evicts_in_decode
+    def observes_decode(self) -> bool:
+        return self._base.observes_decode()
 
-    @property
-    def observation_window(self) -> int:
-        return self._base.observation_window
+    def decode_hold(self, length: int, layer: int, num_layers: int) -> int | None:
+        return self.rolling_hold(length, layer, num_layers) if self._base.rolling else None
 
     def representatives(self, budget: int) -> int:
         return int(budget * self.share)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvshrink.methods.base import Encoder, Payload
+from kvshrink.methods.base import Encoder, FieldLayout, Payload
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI and llama.cpp store them
 _TINY = 1e-8
@@ -134,6 +134,16 @@ class GroupQuantEncoder(Encoder):
             p = {"scale": scale.squeeze(dim), "zero": zero.squeeze(dim)}
         p["q"] = pack(q.reshape(B, H, T, D), self.bits)
         return p
+
+    def layout(self, heads: int, head_dim: int, dtype: torch.dtype) -> list[FieldLayout]:
+        c = self.chunk
+        if self.along == "tokens":  # one scale row per group of `group` tokens
+            meta = (heads, c // self.group, head_dim)
+        else:
+            meta = (heads, c, head_dim // channel_group(self.group, head_dim))
+        names = ["scale"] if self.symmetric else ["scale", "zero"]
+        fields = [FieldLayout(n, meta, 1, SCALE_DTYPE) for n in names]
+        return fields + [FieldLayout("q", (heads, c, head_dim * self.bits // 8), 1, torch.uint8)]
 
     def decode(self, p: Payload, dtype: torch.dtype) -> torch.Tensor:
         # unpack straight to the compute dtype (fp32 for half caches on CPU, which lacks fast half math)

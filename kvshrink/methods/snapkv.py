@@ -37,7 +37,6 @@ class SnapKV(BudgetSelector):
     """
 
     name = "snapkv"
-    needs = "window"
 
     window: int = 32
     kernel: int = 7
@@ -55,9 +54,8 @@ class SnapKV(BudgetSelector):
             )
         super().__post_init__()
 
-    @property
-    def observation_window(self) -> int:
-        return self.window
+    def observed_queries(self, length: int) -> int:
+        return min(self.window, length)
 
     def min_budget(self) -> int:
         return self.window + 1

@@ -33,8 +33,7 @@ class StreamingLLM(BudgetSelector):
     """
 
     name = "streamingllm"
-    needs = "none"
-    evicts_in_decode = True
+    rolling = True
 
     sinks: int = 4
 

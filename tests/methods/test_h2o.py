@@ -43,7 +43,7 @@ def test_padding_never_beats_real_tokens():
 
 def test_flags_and_specs():
     h = parse("h2o:budget=16").selector
-    assert h.needs == "accumulated" and h.evicts_in_decode and h.recent(16) == 8
+    assert h.prefill_queries(100, 0, 2) == 100 and h.observes_decode() and h.recent(16) == 8
     with pytest.raises(SpecError, match="recent_ratio must be in"):
         parse("h2o:budget=16,recent_ratio=1.5")
     with pytest.raises(SpecError, match="either budget=N or ratio=r"):

@@ -86,9 +86,9 @@ def test_snapkv_base_keeps_window():
 def test_flags_and_specs():
     k = parse("kvcrush:budget=48").selector
     assert (k.base, k.share, k.anchor) == ("snapkv", 0.25, "random")
-    assert k.needs == "window" and not k.evicts_in_decode and k.observation_window == 32
+    assert k.prefill_queries(100, 0, 2) == 32 and k.decode_hold(100, 0, 2) is None and not k.observes_decode()
     h = parse("kvcrush:base=h2o,budget=8").selector
-    assert h.needs == "accumulated" and h.evicts_in_decode
+    assert h.prefill_queries(100, 0, 2) == 100 and h.observes_decode() and h.decode_hold(100, 0, 2) == 8
     assert k.min_budget() == 43  # 43 - int(10.75) = 33 = SnapKV's window + 1
     with pytest.raises(SpecError, match="smaller than the tokens"):
         parse("kvcrush:budget=42")

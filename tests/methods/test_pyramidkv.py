@@ -57,7 +57,7 @@ def test_selection_is_snapkv():
 
 def test_defaults_and_specs():
     p = parse("pyramidkv:budget=32").selector
-    assert (p.window, p.kernel, p.pool, p.beta) == (8, 7, "max", 20) and p.observation_window == 8
+    assert (p.window, p.kernel, p.pool, p.beta) == (8, 7, "max", 20) and p.observed_queries(100) == 8
     with pytest.raises(SpecError, match="budget < window"):
         parse("pyramidkv:budget=8")
     with pytest.raises(SpecError, match="beta must be"):

@@ -56,7 +56,7 @@ def test_per_kv_head_and_padding():
 def test_defaults_and_specs():
     s = parse("snapkv:budget=64").selector
     assert (s.window, s.kernel, s.pool) == (32, 7, "max")
-    assert s.needs == "window" and not s.evicts_in_decode and s.observation_window == 32
+    assert s.prefill_queries(100, 0, 2) == 32 and s.decode_hold(100, 0, 2) is None and not s.observes_decode()
     assert s.budget(100, 0, 2) == 64 and s.budget(64, 0, 2) is None
     assert parse("snapkv:ratio=0.9").selector.budget(100, 0, 2) == 33  # never below window + 1
     with pytest.raises(SpecError, match="budget < window"):

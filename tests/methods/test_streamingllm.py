@@ -28,7 +28,7 @@ def test_short_row_keeps_every_real_token_before_padding():
 def test_window_rolls_in_decode():
     # after prefill 5 tokens are held; one new token arrives: the oldest non-sink leaves
     s = StreamingLLM(sinks=2, budget_tokens=5)
-    assert s.evicts_in_decode and s.needs == "none"
+    assert s.decode_hold(100, 0, 2) == 5 and s.prefill_queries(100, 0, 2) == 0 and not s.observes_decode()
     idx = s.select(inp([[[True] * 6]]), 5)
     assert idx.tolist() == [[[0, 1, 3, 4, 5]]]
 

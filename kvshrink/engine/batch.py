@@ -1,0 +1,67 @@
+"""A decode step's index tensors for every layer, built once per step with one host-to-device copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvshrink.engine.pool import Growth, KVStore
+
+
+@dataclass
+class CommitGroup:
+    """Sequences of one layer that encode ``n`` tokens out of their residual ring this step."""
+
+    n: int
+    rows: torch.Tensor  # [G] batch rows, on the device
+
+
+class DecodeBatch:
+    """One new token for each of ``growth.slots``; counters are those before the step.
+
+    Device tensors ``[B, L]``: ``encoded_k/v``, ``ring_k/v_start``, ``ring_k/v_len``, ``stored``,
+    ``encode_k/v`` (what this step encodes); ``tables`` ``[B, L, nb]``. Host: ``blocks[l]`` (the most
+    blocks any sequence holds in layer ``l``) and ``width[l]`` (stored-order columns of layer ``l``,
+    the new token included), and per layer the commit groups of each stream.
+    """
+
+    def __init__(self, store: KVStore, growth: Growth):
+        st = self.store = store
+        self.slots = growth.slots
+        self.B = len(growth.slots)
+        c = st.counters.rows(growth.slots)
+        nb = c.blocks.amax(0)  # [L]
+        self.blocks = nb.tolist()
+        self.width = torch.maximum(nb * st.bs, c.stored.amax(0) + 1).tolist()
+        tables = st.table[growth.slots, :, : max(max(self.blocks), 1)]
+        host = torch.cat([
+            torch.cat([c.stacked(), growth.encode_k[None], growth.encode_v[None]]).reshape(-1),
+            tables.reshape(-1), growth.slots,
+        ])
+        dev = host.to(st.device)  # the step's one copy
+        B, L = self.B, st.L
+        n_counts = 9 * B * L
+        counts = dev[:n_counts].view(9, B, L)
+        (self.encoded_k, self.encoded_v, self.ring_k_start, self.ring_k_len, self.ring_v_start, self.ring_v_len,
+         self.stored, self.encode_k, self.encode_v) = counts.unbind(0)
+        self.tables = dev[n_counts : n_counts + tables.numel()].view(tables.shape)
+        self.slots_d = dev[n_counts + tables.numel() :]
+        self.commits_k = _commit_groups(growth.encode_k, st.k.ring, st.device)
+        self.commits_v = _commit_groups(growth.encode_v, st.v.ring, st.device)
+        self.observe = st.method.selector.observes_decode() and bool((st.hold[growth.slots] >= 0).any())
+
+
+def _commit_groups(encode: torch.Tensor, ring: int, device) -> list[list[CommitGroup]]:
+    """Per layer, the distinct non-zero counts of tokens leaving the ring (usually none or one)."""
+    if not ring:
+        return [[] for _ in range(encode.shape[1])]
+    out = []
+    for col in encode.t():
+        groups = []
+        if bool(col.any()):
+            for n in col.unique().tolist():
+                if n:
+                    groups.append(CommitGroup(n, (col == n).nonzero().flatten().to(device)))
+        out.append(groups)
+    return out
