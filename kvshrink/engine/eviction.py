@@ -20,23 +20,32 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def evict_due(store: KVStore, slots: torch.Tensor, evict_every: int) -> int:
-    """Cut back every (slot, layer) of ``slots`` that is due; returns how many were cut."""
+def evict_due(store: KVStore, slots: torch.Tensor, evict_every: int, cut=None) -> int:
+    """Cut back every (slot, layer) of ``slots`` that is due; returns how many were cut. ``cut``
+    (slots, layer, hold, n) does the cutting (default: select and re-store; the simulator passes one
+    that only does the accounting)."""
     st = store
+    cut_fn = cut or _cut
     hold = st.hold[slots]  # [b, L]
     stored = st.counters.stored[slots]
     due = (hold >= 0) & (stored >= hold + evict_every)
     if not bool(due.any()):
         return 0
-    cut = 0
+    done = 0
     for layer in due.any(0).nonzero().flatten().tolist():
         rows = due[:, layer].nonzero().flatten()
         keys = torch.stack([hold[rows, layer], stored[rows, layer]], dim=1)
         for h, n in keys.unique(dim=0).tolist():
             same = rows[(keys == torch.tensor([h, n])).all(1)]
-            _cut(st, slots[same], layer, h, n)
-            cut += len(same)
-    return cut
+            cut_fn(st, slots[same], layer, h, n)
+            done += len(same)
+    return done
+
+
+def cut_accounting(st: KVStore, slots: torch.Tensor, layer: int, hold: int, n: int) -> None:
+    """What a cut does to the pool: the layer's blocks go back, ``hold`` tokens are stored afresh."""
+    st.free_layers(slots, torch.tensor([layer]))
+    st.record_stored(slots, layer, hold)
 
 
 def _cut(st: KVStore, slots: torch.Tensor, layer: int, hold: int, n: int) -> None:

@@ -349,10 +349,7 @@ class KVStore:
         """Store ``k``, ``v`` [G, H, T, D] into layer ``layer`` of ``slots`` [G], which hold nothing
         there yet (a prefill, whose blocks ``open_slot`` took, or a compaction that freed the layer)."""
         T = k.shape[-2]
-        nk, nv = self.k.n_to_encode(T), self.v.n_to_encode(T)
-        new_blocks = torch.zeros(len(slots), self.L, dtype=torch.long)
-        new_blocks[:, layer] = (-(-max(nk, nv) // self.bs) - self.counters.blocks[slots, layer]).clamp_min(0)
-        self._grow(slots, new_blocks)
+        nk, nv = self.record_stored(slots, layer, T)
         tables = self.table[slots, layer].to(self.device)
         zero = torch.zeros(len(slots), dtype=torch.long, device=self.device)
         self.write_encoded("k", tables, zero, k[:, :, :nk])
@@ -362,10 +359,19 @@ class KVStore:
             self.kres[layer, rows, :, : T - nk] = k[:, :, nk:]
         if self.vres is not None and T > nv:
             self.vres[layer, rows, :, : T - nv] = v[:, :, nv:]
+
+    def record_stored(self, slots: torch.Tensor, layer: int, T: int) -> tuple[int, int]:
+        """The accounting half of ``store``: blocks and counters for ``T`` tokens in an empty layer
+        (the simulator calls it alone). Returns the tokens the two streams encode."""
+        nk, nv = self.k.n_to_encode(T), self.v.n_to_encode(T)
+        new_blocks = torch.zeros(len(slots), self.L, dtype=torch.long)
+        new_blocks[:, layer] = (-(-max(nk, nv) // self.bs) - self.counters.blocks[slots, layer]).clamp_min(0)
+        self._grow(slots, new_blocks)
         c = self.counters
         c.encoded_k[slots, layer], c.encoded_v[slots, layer], c.stored[slots, layer] = nk, nv, T
         c.ring_k_start[slots, layer], c.ring_k_len[slots, layer] = 0, T - nk
         c.ring_v_start[slots, layer], c.ring_v_len[slots, layer] = 0, T - nv
+        return nk, nv
 
     # -------------------------------------------------------------------------------------- reads
     def read_blocks(self, side: str, ids: torch.Tensor) -> torch.Tensor:
