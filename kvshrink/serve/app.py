@@ -7,6 +7,10 @@ given), ``/health``, ``/metrics``. Request handling never calls the engine: it g
 request (trimmed from the text, finish_reason "stop") and aborts it in the engine. In a stream the
 last ``len(longest stop) - 1`` characters are held back so no part of a stop string is ever sent.
 A client that goes away (checked while waiting for tokens) aborts its request at once.
+
+Client input is validated by the models in protocol.py and turned into ids only by its
+``encode_prompt``/``encode_chat``, so a bad request is a 4xx naming the field; a 5xx means a server
+fault, answered by ``_AnswerErrors`` without dropping the connection.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from kvshrink.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     bad_request,
+    encode_chat,
+    encode_prompt,
     error_body,
     validation_message,
 )
@@ -102,6 +108,61 @@ class TextStream:
         return delta
 
 
+# ------------------------------------------------------------------------------------------ errors
+class _ErrorResponse(JSONResponse):
+    """Error bodies as ASCII JSON: a message may quote client text, and a character UTF-8 cannot
+    encode (a lone surrogate) must not make the error itself fail."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+class _AnswerErrors:
+    """Catch-all for genuine server faults (client input never gets here). Starlette runs a handler for
+    ``Exception`` in its outermost middleware, which answers and then re-raises: uvicorn logs the
+    traceback again and closes the connection, so the client's next request on it goes unanswered.
+    Inside that layer, this answers 500 with one logged traceback and returns, keeping the connection."""
+
+    def __init__(self, app, on_error=None):
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.exception("request failed: %s %s", scope.get("method"), scope.get("path"))
+            if self.on_error is not None:
+                self.on_error()
+            if started:  # part of a response went out: nothing valid can follow it on this connection
+                return
+            body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error")
+            await _ErrorResponse(body, status_code=500)(scope, receive, send)
+
+
+def _body_error(exc: StarletteHTTPException) -> tuple[str, str | None]:
+    """FastAPI answers a body it could not parse (other than a JSON syntax error) with a bare 400 whose
+    cause says why; name it."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return str(exc.detail), None
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply to parse", "invalid_json"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8: {cause.reason} at byte {cause.start}", "invalid_json"
+    return f"the body could not be parsed: {type(cause).__name__}", "invalid_json"
+
+
 # ------------------------------------------------------------------------------------------ the app
 def _sampling_error(e: ValueError) -> APIError:
     msg = str(e)
@@ -160,6 +221,7 @@ def create_app(
             await asyncio.get_running_loop().run_in_executor(None, worker.stop, grace_s)
 
     app = FastAPI(title="kvshrink", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_AnswerErrors, on_error=lambda: metrics.rejected.labels("500").inc())
     app.state.worker = worker
     app.state.metrics = metrics
     app.state.draining = False
@@ -170,25 +232,22 @@ def create_app(
     async def _api_error(request: Request, exc: APIError):
         if exc.status >= 400:
             metrics.rejected.labels(str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _ErrorResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         msg, param = validation_message(list(exc.errors()))
         metrics.rejected.labels("400").inc()
         code = "invalid_json" if param is None and msg.startswith("malformed") else "invalid_value"
-        return JSONResponse(error_body(msg, "invalid_request_error", param, code), status_code=400)
+        return _ErrorResponse(error_body(msg, "invalid_request_error", param, code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, None),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
-                                       "internal_error"), status_code=500)
+        msg, code = _body_error(exc)
+        if code is not None:
+            metrics.rejected.labels("400").inc()
+        return _ErrorResponse(error_body(msg, "invalid_request_error", None, code),
+                              status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -240,6 +299,9 @@ def create_app(
                               f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} for the "
                               f"completion)", field, code="context_length_exceeded")
         stop_ids = tuple(req.stop_token_ids or ())
+        bad = [t for t in stop_ids if t >= vocab_size]
+        if bad:  # an id the engine can never produce; refused here, before it can reach a tensor
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "stop_token_ids")
         if not req.ignore_eos:
             stop_ids = tuple(sorted(set(stop_ids) | set(eos_ids)))
         kw = dict(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
@@ -424,29 +486,16 @@ def create_app(
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request, req: CompletionRequest):
         check_model(req)
-        if isinstance(req.prompt, str):
-            ids = tokenizer(req.prompt).input_ids
-        elif isinstance(req.prompt[0], str):
-            ids = tokenizer(req.prompt[0]).input_ids
-        else:
-            ids = list(req.prompt)
-            bad = [i for i in ids if not 0 <= i < vocab_size]
-            if bad:
-                raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+        ids = encode_prompt(tokenizer, req)
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
         return await generate(request, req, ids, False, "prompt")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request, req: ChatCompletionRequest):
         check_model(req)
-        if not getattr(tokenizer, "chat_template", None):
-            raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            templated = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as e:
-            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
-        ids = tokenizer(templated, add_special_tokens=False).input_ids
-        return await generate(request, req, ids, True, "messages")
+        return await generate(request, req, encode_chat(tokenizer, req.messages), True, "messages")
 
     return app
 
