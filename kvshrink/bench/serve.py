@@ -11,17 +11,28 @@ time, TTFT, ITL list, E2E, prompt/output tokens, error), ``requests.csv`` (the s
 ``--launch`` starts ``python -m kvshrink.cli serve`` once per method on a free loopback port with the
 same ``--kv-memory``, waits for ``/health``, sends the identical traces, then stops it (SIGTERM, then
 kill after a timeout). A server that fails to start is recorded with its reason; the sweep goes on.
+
+``--launch-vllm`` / ``--launch-sglang`` do the same with vLLM's and SGLang's own servers (same model, one
+server per ``--vllm-kv-dtype`` / ``--sglang-kv-dtype`` value, e.g. ``auto,fp8``), labelled
+``vllm:kv=fp8``..., on the same traces, beside or instead of kvshrink's methods. Where one is not installed
+it is skipped with a one-line reason. Their KV pools are sized by their own flags (``--vllm-args``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.util
 import math
+import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvshrink.bench.datasets import load_dataset
@@ -113,13 +124,15 @@ class LaunchedServer:
             cmd += ["--dtype", dtype]
         self.cmd = cmd
         self.proc: subprocess.Popen | None = None
+        self.popen_kw: dict = {}
 
     def __enter__(self):
         import httpx
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     **self.popen_kw)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -162,6 +175,96 @@ class LaunchedServer:
     def __exit__(self, *exc):
         self.stop()
         return False
+
+
+# ------------------------------------------------------------------------------------ vLLM and SGLang
+INSTALL = {"vllm": "pip install vllm", "sglang": "pip install 'sglang[all]'"}
+
+
+def engine_missing(engine: str) -> str | None:
+    """None when ``engine`` (vllm, sglang) can be launched here, else the one-line reason."""
+    found = (shutil.which("vllm") or importlib.util.find_spec("vllm")) if engine == "vllm" else \
+        importlib.util.find_spec("sglang")
+    return None if found else f"skipped {engine}: not installed ({INSTALL[engine]})"
+
+
+def engine_command(engine: str, model_path: str, served_name: str, port: int, kv_dtype: str,
+                   extra: Sequence[str] = (), dtype: str | None = None, seed: int = 0) -> list[str]:
+    """The command line of vLLM's or SGLang's OpenAI-compatible server on 127.0.0.1:``port``."""
+    common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
+              "--kv-cache-dtype", kv_dtype]
+    if engine == "vllm":
+        exe = shutil.which("vllm")
+        head = [exe, "serve", model_path] if exe else [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                                                     "--model", model_path]
+        return [*head, *common, "--seed", str(seed), *(["--dtype", dtype] if dtype else []), *extra]
+    if engine == "sglang":
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, *common,
+                "--random-seed", str(seed), *(["--dtype", dtype] if dtype else []), *extra]
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def external_servers(args) -> tuple[dict[str, Callable[[int], list[str]]], list[str]]:
+    """The vLLM/SGLang servers asked for: {label: port -> command} for those installed, and skip lines."""
+    from kvshrink.models import resolve
+
+    out: dict[str, Callable[[int], list[str]]] = {}
+    skipped: list[str] = []
+    for engine in ("vllm", "sglang"):
+        if not getattr(args, f"launch_{engine}", False):
+            continue
+        reason = engine_missing(engine)
+        if reason:
+            skipped.append(reason)
+            continue
+        path = resolve(args.model)  # kvshrink's embedded model name: its converted HF directory
+        extra = shlex.split(getattr(args, f"{engine}_args", "") or "")
+        kv_dtypes = (getattr(args, f"{engine}_kv_dtype", None) or "auto").split(",")
+        for kv in [k.strip() for k in kv_dtypes if k.strip()]:
+            out[f"{engine}:kv={kv}"] = functools.partial(engine_command, engine, path, args.model, kv_dtype=kv,
+                                                         extra=extra, dtype=args.dtype, seed=args.seed)
+    return out, skipped
+
+
+class ExternalServer(LaunchedServer):
+    """vLLM's or SGLang's server as a subprocess in its own process group (they start workers of their own,
+    and stopping must take those down too)."""
+
+    def __init__(self, label: str, command: Callable[[int], list[str]], log_path, startup_timeout: float = 300.0,
+                 grace: float = 30.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.method = label
+        self.log_path = Path(log_path)
+        self.startup_timeout = startup_timeout
+        self.grace = grace
+        self.cmd = command(self.port)
+        self.proc = None
+        self.popen_kw = {"start_new_session": True}
+
+    def stop(self) -> int | None:
+        p = self.proc
+        if p is None:
+            return None
+        if p.poll() is None:
+            _killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(self.grace + 15)
+            except subprocess.TimeoutExpired:
+                pass
+        _killpg(p.pid, signal.SIGKILL)  # whatever of the group is left
+        if p.poll() is None:
+            p.wait(10)
+        if not self._log.closed:
+            self._log.close()
+        return p.returncode
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -280,13 +383,19 @@ def run_bench_serve(args, tokenizer=None) -> int:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
-    if args.launch and args.base_url:
-        raise ValueError("--launch starts its own servers: drop --base-url")
-    if not args.launch and not args.base_url:
-        raise ValueError("give --base-url URL, or --launch with --method")
-    methods = args.method or (["full"] if args.launch else [None])
-    if not args.launch and args.method and len(args.method) > 1:
+    asked_external = getattr(args, "launch_vllm", False) or getattr(args, "launch_sglang", False)
+    if (args.launch or asked_external) and args.base_url:
+        raise ValueError("--launch/--launch-vllm/--launch-sglang start their own servers: drop --base-url")
+    if not args.launch and not asked_external and not args.base_url:
+        raise ValueError("give --base-url URL, or --launch with --method (and/or --launch-vllm, --launch-sglang)")
+    methods = args.method or (["full"] if args.launch else [] if asked_external else [None])
+    if not args.launch and args.method and (len(args.method) > 1 or asked_external):
         raise ValueError("several --method values need --launch")
+    external, skipped = external_servers(args) if asked_external else ({}, [])
+    for line in skipped:
+        print(line, file=sys.stderr)
+    if not methods and not external:
+        raise ValueError("no server to measure: " + "; ".join(skipped))
     tokenizer = tokenizer or _load_tokenizer(args.tokenizer or args.model)
     out_len = args.random_output_len if args.dataset.startswith("random") else None  # others: the data's own
     requests = load_dataset(args.dataset, tokenizer, args.num_prompts, args.random_input_len, out_len, args.seed,
@@ -298,19 +407,28 @@ def run_bench_serve(args, tokenizer=None) -> int:
               "seed": args.seed, "launch": bool(args.launch), "methods": methods,
               "kv_memory": args.kv_memory if args.launch else None,
               "base_url": None if args.launch else args.base_url}
+    if asked_external:  # only then: earlier run directories keep their configuration hash
+        config["external"] = {"servers": list(external), "skipped": skipped,
+                              "vllm_args": getattr(args, "vllm_args", None),
+                              "sglang_args": getattr(args, "sglang_args", None)}
     run_dir = open_run(args.out, config)
     records = Records(run_dir / "records.jsonl", key=("method", "request_rate", "index"))
     if records.path.exists():
         records.path.unlink()  # a rerun of the same configuration measures again
     summaries: list[dict] = []
     csv_rows: list[dict] = []
-    total = len(methods) * len(rates) * len(requests)
+    total = (len(methods) + len(external)) * len(rates) * len(requests)
     bar = tqdm(total=total, desc="bench serve", unit="req", disable=not sys.stderr.isatty())
-    for method in methods:
+    for method in [*methods, *external]:
         label = method or "server"
         server = None
         try:
-            if args.launch:
+            if method in external:
+                bar.set_postfix_str(f"starting {label}")
+                server = ExternalServer(label, external[method], run_dir / "logs" / f"server-{_safe(label)}.log",
+                                        args.startup_timeout).__enter__()
+                base_url = server.url
+            elif args.launch:
                 bar.set_postfix_str(f"starting {label}")
                 server = LaunchedServer(args.model, method, args.kv_memory,
                                         run_dir / "logs" / f"server-{_safe(label)}.log",
@@ -348,9 +466,12 @@ def run_bench_serve(args, tokenizer=None) -> int:
 
     ok = [s for s in summaries if s.get("completed")]
     result = {"config": config, "results": summaries}
+    if skipped:
+        result["skipped"] = skipped
     if len(summaries) == 1:
         result.update(summaries[0])
-    if args.launch:
+    compared = args.launch or bool(external)
+    if compared:
         comp = comparison_rows(summaries)
         result["comparison"] = comp
         write_json_atomic(run_dir / "comparison.json", comp)
@@ -360,12 +481,13 @@ def run_bench_serve(args, tokenizer=None) -> int:
     if csv_rows:
         write_csv(run_dir / "requests.csv", csv_rows)
         for r in csv_rows:
-            r["group"] = f"{r['method']} @ {r['request_rate']}" if len(methods) > 1 or len(rates) > 1 else r["method"]
+            several = len(methods) + len(external) > 1 or len(rates) > 1
+            r["group"] = f"{r['method']} @ {r['request_rate']}" if several else r["method"]
         plot_latency_cdf(csv_rows, run_dir / "latency_cdf.png")
     if len(rates) > 1 and ok:
         plot_vs_rate(ok, run_dir / "vs_rate.png", keys=("p90_ttft_ms", "p90_tpot_ms", "p90_e2el_ms",
                                                         "output_throughput", "request_throughput"))
-    if args.launch and ok:
+    if compared and ok:
         plot_vs_rate(ok, run_dir / "p90_e2el_vs_rate.png", keys=("p90_e2el_ms",))
     rows = comparison_rows(summaries) if summaries else []
     print(format_table(rows))

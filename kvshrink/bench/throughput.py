@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -154,48 +155,29 @@ def decode_step_ms(model, method: str, batch: int, context: int, steps: int, voc
             "step_ms": ms, "time_breakdown_ms": {k: round(v / steps * 1000, 2) for k, v in sorted(t.items())}}
 
 
-def run_throughput(a) -> int:
-    from tqdm import tqdm
+HF_METHOD = "hf-generate (one at a time)"
 
-    from kvshrink.models import load_model
 
-    if getattr(a, "threads", None):
-        torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
-    vocab = min(model.config.vocab_size, 32000)
+def plan(a) -> tuple[dict, list[dict]]:
+    """The run's configuration and its units in run order: one (method, workload) measurement each, as
+    plain data, so that a unit can run anywhere (``kvshrink.sweep``); what depends on the model (vocab,
+    KV pool sizes) is computed where it runs."""
     methods = list(dict.fromkeys(["full", *(a.method or ["kivi:bits=4", "kivi:bits=2"])]))
     workloads = parse_workloads(getattr(a, "workload", None), a.quick) if a.mode == "serving" else {}
     config = {"command": "bench throughput", "model": a.model, "methods": methods, "mode": a.mode,
               "kv_memory": a.kv_memory, "quick": a.quick, "compare_hf": a.compare_hf, "workloads": workloads or None}
-    out = open_run(a.out, config)
-    records = Records(out / "records.jsonl")
-    runs: list[dict] = []
-    fpt = _fp_token_bytes(model)
-
-    def pool_for(prompt: int, output: int) -> int:
-        from kvshrink.engine import parse_bytes
-
-        return parse_bytes(a.kv_memory) if a.kv_memory else int(4 * (prompt + output) * fpt * 1.05)
-
-    def record(row: dict) -> None:
-        records.append(row)
-        runs.append(row)
-
-    if a.mode == "serving":
+    units: list[dict] = []
+    if getattr(a, "trace", None):  # the same file `predict throughput --workload trace:FILE` simulates
+        config["trace"] = str(a.trace)
+        units += [{"kind": "trace", "method": m, "workload": f"trace:{Path(a.trace).name}", "path": str(a.trace)}
+                  for m in methods]
+    elif a.mode == "serving":
         for wl, (n, n_prompt, n_out) in workloads.items():
-            reqs = _requests(n, n_prompt, n_out, vocab)
-            kv = pool_for(n_prompt, n_out)
-            total = sum(o for _, o in reqs)
-            for m in methods:
-                with tqdm(total=total, desc=f"{wl} {m}", unit="tok", leave=False) as bar:
-                    row = run_engine(model, tok, m, reqs, kv, progress=bar)
-                row.update(workload=wl, kv_memory=kv)
-                record(row)
+            units += [{"kind": "serving", "method": m, "workload": wl, "n": n, "prompt": n_prompt, "output": n_out}
+                      for m in methods]
             if a.compare_hf:
-                sub = reqs[: max(2, n // 8)]
-                row = run_hf(model, sub)
-                row.update(workload=wl)
-                record(row)
+                units.append({"kind": "hf", "method": HF_METHOD, "workload": wl, "n": n, "prompt": n_prompt,
+                              "output": n_out})
     elif a.mode in ("fixed-batch", "fixed-length"):
         # one axis swept, the other fixed; the pool fits every request (the sweep measures the step, not admission)
         if a.mode == "fixed-batch":
@@ -206,20 +188,92 @@ def run_throughput(a) -> int:
             points = [(4, c) for c in ([256, 1024] if a.quick else [256, 512, 1024, 2048, 4096, 8192])]
         for b, ctx in points:
             swept = b if a.mode == "fixed-batch" else ctx
-            reqs = [(p, n_out) for p, _ in _requests(b, ctx, n_out, vocab, seed=swept)]
-            kv = int(b * (ctx * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
-            for m in methods:
-                row = run_engine(model, tok, m, reqs, kv)
-                row.update(workload=f"{a.mode}-{swept}", batch=b, context=ctx)
-                record(row)
+            units += [{"kind": "point", "method": m, "workload": f"{a.mode}-{swept}", "batch": b, "context": ctx,
+                       "output": n_out, "seed": swept} for m in methods]
     elif a.mode == "step":
         B, C, S = (8, 512, 8) if a.quick else (16, 1024, 16)
-        for m in methods:
-            record(decode_step_ms(model, m, B, C, S, vocab))
-    # ratios to full from the same run
+        units += [{"kind": "step", "method": m, "workload": f"step-b{B}-c{C}", "batch": B, "context": C, "steps": S}
+                  for m in methods]
+    return config, units
+
+
+def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool = False) -> dict:
+    """One unit of ``plan``: its row."""
+    vocab = min(model.config.vocab_size, 32000)
+    fpt = _fp_token_bytes(model)
+    if u["kind"] in ("serving", "hf"):
+        reqs = _requests(u["n"], u["prompt"], u["output"], vocab)
+        if u["kind"] == "hf":
+            row = run_hf(model, reqs[: max(2, u["n"] // 8)])
+            row.update(workload=u["workload"])
+            return row
+        from tqdm import tqdm
+
+        from kvshrink.engine import parse_bytes
+
+        kv = parse_bytes(kv_memory) if kv_memory else int(4 * (u["prompt"] + u["output"]) * fpt * 1.05)
+        with tqdm(total=sum(o for _, o in reqs), desc=f"{u['workload']} {u['method']}", unit="tok", leave=False,
+                  disable=not progress) as bar:
+            row = run_engine(model, tok, u["method"], reqs, kv, progress=bar)
+        row.update(workload=u["workload"], kv_memory=kv)
+        return row
+    if u["kind"] == "trace":
+        from kvshrink.bench.trace import load_trace, run_trace
+        from kvshrink.engine import parse_bytes
+
+        reqs = load_trace(u["path"])
+        mean = sum(r.prompt_tokens + r.output_tokens for r in reqs) / len(reqs)
+        kv = parse_bytes(kv_memory) if kv_memory else int(4 * mean * fpt * 1.05)
+        row = run_trace(model, u["method"], reqs, kv)
+        row.update(workload=u["workload"], kv_memory=kv, tokens_per_s=row["output_tokens_per_s"])
+        return row
+    if u["kind"] == "point":
+        b, ctx, n_out = u["batch"], u["context"], u["output"]
+        reqs = [(p, n_out) for p, _ in _requests(b, ctx, n_out, vocab, seed=u["seed"])]
+        kv = int(b * (ctx * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
+        row = run_engine(model, tok, u["method"], reqs, kv)
+        row.update(workload=u["workload"], batch=b, context=ctx)
+        return row
+    return decode_step_ms(model, u["method"], u["batch"], u["context"], u["steps"], vocab)
+
+
+def run_throughput(a) -> int:
+    from kvshrink.sweep import RayOptions
+
+    ray = RayOptions.from_args(a)
+    if ray is not None:  # the same units as Ray tasks, one per node at a time (kvshrink.sweep)
+        from kvshrink.sweep import run_throughput_ray
+
+        return run_throughput_ray(a, ray)
+    from kvshrink.models import load_model
+
+    if getattr(a, "threads", None):
+        torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
+    config, units = plan(a)
+    out = open_run(a.out, config)
+    records = Records(out / "records.jsonl")
+    runs: list[dict] = []
+    for u in units:
+        row = run_unit(model, tok, u, a.kv_memory, progress=True)
+        records.append(row)
+        runs.append(row)
+    finish(out, config, runs, a.mode)
+    return 0
+
+
+def finish(out, config: dict, runs: list[dict], mode: str, node_of: dict | None = None,
+           extra: dict | None = None) -> None:
+    """Ratios to ``full``, summary.json/.csv, plots and the table. ``node_of`` ((method, workload) -> node):
+    a ratio only between units measured on the same node (None: all on this one)."""
+    def same_node(r: dict, row: dict) -> bool:
+        return node_of is None or node_of.get((r["method"], r.get("workload"))) == node_of.get(
+            (row["method"], row.get("workload")))
+
     for row in runs:
-        base = next((r for r in runs if r["method"] == "full" and r.get("workload") == row.get("workload")), None)
-        key = "step_ms" if a.mode == "step" else "tokens_per_s"
+        base = next((r for r in runs if r["method"] == "full" and r.get("workload") == row.get("workload")
+                     and same_node(r, row)), None)
+        key = "step_ms" if mode == "step" else "tokens_per_s"
         if base and row.get(key) and base.get(key):
             row["ratio_to_full"] = row[key] / base[key]
             if row.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
@@ -229,17 +283,17 @@ def run_throughput(a) -> int:
     for row in runs:
         for k in ("tokens_per_s", "decode_tokens_per_s", "peak_concurrency", "peak_kv_bytes"):
             row.setdefault(k, None)
-    write_json_atomic(out / "summary.json", {"config": config, "runs": runs})
-    write_csv(out / "summary.csv", runs)
+    write_json_atomic(out / "summary.json", {"config": config, "runs": runs, **(extra or {})})
+    if runs:
+        write_csv(out / "summary.csv", runs)
     try:
         from kvshrink.bench.plots import plot_throughput
 
-        plot_throughput(runs, out, a.mode)
+        plot_throughput(runs, out, mode)
     except Exception as e:  # noqa: BLE001 - plots are a convenience
         print(f"plots skipped: {e}")
-    _print_table(runs, a.mode)
+    _print_table(runs, mode)
     print(f"results in {out}")
-    return 0
 
 
 def _print_table(runs: list[dict], mode: str) -> None:
@@ -259,4 +313,5 @@ def _print_table(runs: list[dict], mode: str) -> None:
               f"{f(r.get('compression'), '5.2f')} {f(r.get('preemptions'), '7d')} {f(r.get('ratio_to_full'), '6.2f')}")
 
 
-__all__ = ["decode_step_ms", "parse_workloads", "run_engine", "run_hf", "run_throughput"]
+__all__ = ["decode_step_ms", "finish", "parse_workloads", "plan", "run_engine", "run_hf", "run_throughput",
+           "run_unit"]

@@ -59,3 +59,4 @@ class EngineStats:
     compression: float  # bytes an fp cache would hold for the running contexts / bytes used (1.0 when idle)
     prompt_tokens: int  # prompt tokens prefilled so far (recomputed ones included)
     generation_tokens: int  # tokens generated so far
+    evictions: int = 0  # (sequence, layer) cut-backs of a rolling selector so far

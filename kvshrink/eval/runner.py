@@ -109,8 +109,6 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> Path:
     """Generate every missing record, then write ``summary.json``, ``report.html`` and
     ``hardset.jsonl``. Pass ``model``/``tokenizer`` to evaluate an already loaded model (then
     ``cfg.extra`` should name it so that its runs get their own directory). Returns the run directory."""
-    from kvshrink.eval.report import write_report
-
     methods = cfg.all_methods()
     if model is None or tokenizer is None:
         from kvshrink.models import load_model
@@ -133,11 +131,21 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> Path:
             bar.update(1)
     if not cfg.report:
         return run_dir
-    wanted = {(m, s.task, s.id) for m in methods for s in samples}
-    recs = _latest([r for r in records.load() if records.key(r) in wanted])
+    write_eval_report(cfg, run_dir, records, samples, methods)
+    return run_dir
+
+
+def write_eval_report(cfg: EvalConfig, run_dir: Path, records: results.Records, samples: Sequence[Sample],
+                      methods: Sequence[str]) -> None:
+    """The report over the latest record of every (method, sample), in method x sample order: the same
+    files whatever order the records were written in (a resumed run, a Ray sweep)."""
+    from kvshrink.eval.report import write_report
+
+    order = {(m, s.task, s.id): i for i, (m, s) in enumerate((m, s) for m in methods for s in samples)}
+    recs = _latest([r for r in records.load() if records.key(r) in order])
+    recs.sort(key=lambda r: order[records.key(r)])
     write_report(run_dir, recs, samples, methods, reference=REFERENCE if REFERENCE in methods else None,
                  threshold=cfg.neg_threshold, filter=cfg.neg_filter)
-    return run_dir
 
 
 def _latest(recs: Sequence[dict]) -> list[dict]:
@@ -176,10 +184,22 @@ def run(args) -> int:
         neg_threshold=args.neg_threshold, neg_filter=args.neg_filter, seed=args.seed, device=args.device,
         dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )
-    run_dir = run_eval(cfg)
+    from kvshrink.sweep import RayOptions
+
+    ray = RayOptions.from_args(args)
+    if ray is None:
+        run_dir = run_eval(cfg)
+    else:  # the same run directory, as Ray units (kvshrink.sweep)
+        from kvshrink.sweep import run_eval_ray
+
+        run_dir = run_eval_ray(cfg, ray)
     summary = json.loads((run_dir / "summary.json").read_text())
     from kvshrink.eval.report import summary_table
 
     print(summary_table(summary))
+    if "sweep" in summary:
+        from kvshrink.sweep import print_sweep
+
+        print_sweep(summary["sweep"])
     print(f"\nrecords, summary.json, report.html and hardset.jsonl in {run_dir}")
-    return 0
+    return 1 if summary.get("sweep", {}).get("failed") else 0

@@ -1,0 +1,162 @@
+"""Discrete-event simulation of the engine: its own ``Scheduler`` and pool accounting, without the model.
+
+The engine's ``KVStore`` is built on the ``meta`` device (no KV memory is allocated, the block pool and
+every counter are the real ones), requests go through ``Scheduler.schedule`` exactly as in
+``Engine.step``, prefills are recorded with the selector's per-layer budgets (``record_stored``),
+decode steps take their blocks with ``plan_growth``/``allocate`` (preempting as the engine does) and
+advance the counters, and rolling selectors are cut back by ``evict_due`` with the accounting-only cut.
+Only time is modelled: each step costs what a :class:`StepCosts` says a step with that content costs.
+
+A change to admission, preemption or eviction in the engine changes the simulation with it: they are
+the same functions (``tests/predict/test_simulate.py`` checks the two step for step).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvshrink.bench.trace import TraceRequest, percentile
+from kvshrink.engine.config import EngineConfig
+from kvshrink.engine.eviction import cut_accounting, evict_due
+from kvshrink.engine.pool import KVStore
+from kvshrink.engine.request import Request, RequestStatus
+from kvshrink.engine.scheduler import Scheduler
+from kvshrink.engine.types import SamplingParams
+from kvshrink.methods import CompressionMethod, parse
+
+
+class StepCosts(Protocol):
+    """Seconds an engine step spends, by what is in it."""
+
+    def prefill_s(self, tokens: int) -> float:
+        """One prompt of ``tokens`` tokens through the model (the engine prefills one at a time)."""
+
+    def decode_s(self, batch: int, kv_tokens: int) -> float:
+        """One decode step of ``batch`` sequences whose attention reads ``kv_tokens`` stored tokens
+        per layer in all (the sum of the sequences' stored lengths, averaged over layers)."""
+
+    def evict_s(self, cuts: int) -> float:
+        """``cuts`` (sequence, layer) cut-backs of a rolling selector."""
+
+
+SimRequest = TraceRequest  # one request of a simulated workload: the trace format
+
+
+@dataclass
+class SimResult:
+    output_tokens_per_s: float
+    makespan_s: float
+    ttft_s: list[float]
+    tpot_s: list[float]
+    itl_s: list[float]
+    e2e_s: list[float]
+    peak_concurrency: int
+    preemptions: int
+    steps: int
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    token_steps: dict[str, list[int]] = field(default_factory=dict)  # request id ("0", "1", ...) -> steps
+
+    def percentiles(self) -> dict[str, float]:
+        out: dict[str, float] = {"output_tokens_per_s": self.output_tokens_per_s, "makespan_s": self.makespan_s,
+                                 "peak_concurrency": self.peak_concurrency, "preemptions": self.preemptions}
+        for name, xs in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("itl", self.itl_s), ("e2e", self.e2e_s)):
+            for p in (50, 90, 99):
+                v = percentile(xs, p)
+                out[f"{name}_ms_p{p}"] = None if v is None else v * 1000
+        return out
+
+
+def simulate(model_config, method: str | CompressionMethod, requests: Sequence[SimRequest], costs: StepCosts,
+             config: EngineConfig | None = None, dtype: torch.dtype = torch.float32) -> SimResult:
+    """Run ``requests`` through the engine's scheduler and pool against ``costs``; every request
+    generates exactly its ``output_tokens`` (a length model, or EOS, decides them beforehand)."""
+    m = parse(method)
+    cfg = (config or EngineConfig()).resolved(m.codec)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    store = KVStore(text, m, cfg.kv_memory, cfg.block_size, cfg.max_batch, dtype, torch.device("meta"))
+    sch = Scheduler(store, min(cfg.max_batch, store.max_slots), cfg.max_prefill_tokens)
+    max_context = int(getattr(text, "max_position_embeddings", 0) or 1 << 30)
+    pending = [(r.arrival_s, i, r) for i, r in enumerate(requests)]
+    heapq.heapify(pending)
+    live: dict[int, tuple[Request, SimRequest]] = {}
+    times: dict[int, list[float]] = {}
+    reasons: dict[str, int] = {}
+    token_steps: dict[str, list[int]] = {}  # request id -> the step (1-based) of each output token
+    clock, steps, peak = 0.0, 0, 0
+    done = 0
+
+    def finish(req: Request, reason: str) -> None:
+        nonlocal done
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        reasons[reason] = reasons.get(reason, 0) + 1
+        done += 1
+
+    while done < len(requests):
+        while pending and pending[0][0] <= clock:
+            _, i, r = heapq.heappop(pending)
+            if r.prompt_tokens < 1 or r.output_tokens < 1:
+                raise ValueError(f"request {i}: prompt_tokens and output_tokens must be >= 1")
+            req = Request(str(i), [0] * r.prompt_tokens, SamplingParams(max_tokens=r.output_tokens, ignore_eos=True),
+                          arrival=r.arrival_s)
+            live[id(req)] = (req, r)
+            times[id(req)] = []
+            token_steps[req.request_id] = []
+            sch.add(req)
+        if not sch.running and not sch.waiting:
+            clock = pending[0][0]
+            continue
+        plan = sch.schedule()
+        steps += 1
+        for req in plan.too_long:
+            finish(req, "length")
+        produced: list[tuple[Request, float]] = []  # in the engine's order: the decode batch, then prefills
+        if plan.decode:
+            kv_tokens = int(store.counters.stored[plan.growth.slots].sum()) / store.L
+            clock += costs.decode_s(len(plan.decode), int(kv_tokens))
+            store.advance(plan.growth)
+            produced += [(req, clock) for req in plan.decode]
+        for req in plan.prefill:
+            n = len(req.context)
+            for layer, kept in enumerate(store.kept_per_layer(n)):
+                store.record_stored(torch.tensor([req.slot]), layer, kept)
+            clock += costs.prefill_s(n)
+            req.prefills += 1
+            produced.append((req, clock))
+        peak = max(peak, len(sch.running))
+        for req, t in produced:
+            req.output.append(0)
+            times[id(req)].append(t)
+            token_steps[req.request_id].append(steps)
+            if len(req.output) >= req.sampling.max_tokens or len(req.context) >= max_context:
+                finish(req, "length")
+        alive = [r.slot for r in plan.decode if not r.finished]
+        if alive:
+            cuts = evict_due(store, torch.tensor(alive), cfg.evict_every, cut=cut_accounting)
+            if cuts:
+                clock += costs.evict_s(cuts)
+        for req in [r for r, _ in produced] + plan.too_long:
+            if req.finished and req.slot is not None:
+                sch.remove(req)
+
+    ttft, tpot, itl, e2e = [], [], [], []
+    total_out = 0
+    for req, r in live.values():
+        ts = times[id(req)]
+        total_out += len(req.output)
+        if not ts:
+            continue
+        # a preempted request recomputes: its tokens so far are kept, so times stay monotonic
+        ttft.append(ts[0] - r.arrival_s)
+        e2e.append(ts[-1] - r.arrival_s)
+        if len(ts) > 1:
+            tpot.append((ts[-1] - ts[0]) / (len(ts) - 1))
+            itl += [b - a for a, b in zip(ts, ts[1:])]
+    start = min(r.arrival_s for r in requests)
+    makespan = clock - start
+    return SimResult(total_out / makespan if makespan > 0 else 0.0, makespan, ttft, tpot, itl, e2e, peak,
+                     sch.preemptions, steps, reasons, token_steps)
