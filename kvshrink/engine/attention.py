@@ -10,6 +10,13 @@ gets these probabilities. Then ``commit`` stores the new token.
 Prefill (``prefill_attention``): one sequence ``[1, T]``, causal SDPA over its own full-precision
 keys; the selector observes the queries it asks for, selects, and the kept tokens go through the
 codec's stream policy into blocks and the residual ring.
+
+Layer types, as the model's attention module passes them (``sliding_window``, ``softcap``, ``s_aux``):
+a sliding layer attends to the last ``window`` positions (prefill: a windowed causal mask; decode:
+the stored columns before ``stored - (window - 1)`` are masked; a sliding layer's stored order is
+position order, as no selector runs there) and stores only its window's need; logits are soft-capped
+(``c * tanh(x / c)``, after the scaling, before the mask) and sink logits join the softmax as one
+more column per query head, as in transformers' eager attention.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch.nn.functional as F
 from kvshrink.engine.batch import DecodeBatch
 from kvshrink.engine.pool import KVStore
 from kvshrink.engine.timers import timed
-from kvshrink.methods.scoring import attention_scores
+from kvshrink.methods.scoring import attention_scores, cap, eager_attention, window_mask
 
 
 def ring_positions(batch: DecodeBatch, side: str, layer: int, ring: int, scratch: int) -> torch.Tensor:
@@ -72,7 +79,21 @@ def commit(batch: DecodeBatch, layer: int, key: torch.Tensor, value: torch.Tenso
             st.write_encoded(side, tables[rows], encoded[rows], leaving.transpose(1, 2))
 
 
-def decode_attention(batch: DecodeBatch, module, query, key, value, scaling):
+def attend_causal(query, key, value, scaling, window=None, softcap=None, sinks=None):
+    """Causal self-attention of one sequence's prompt ``[1, Hq, T, D]`` over its own keys: SDPA
+    (``is_causal``, or a windowed mask), transformers' eager formula with a soft-cap or sinks."""
+    T = key.shape[-2]
+    if window is None and softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    pos = torch.arange(T, device=query.device)
+    mask = window_mask(pos, pos, window)[None, None]
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return eager_attention(query, key, value, mask, scaling, softcap, sinks)
+
+
+def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, window=None, softcap=None,
+                     sinks=None):
     """Paged attention for one new token per sequence, without assembling a ``[B, H, L, D]`` cache.
 
     Keys and values are scored where they lie: the gathered (decoded) blocks ``[B, nb, H, bs, D]``
@@ -83,6 +104,8 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling):
     """
     st = batch.store
     layer = module.layer_idx
+    if st.expand > 1:  # KV stored per query head
+        key, value = key.repeat_interleave(st.expand, dim=1), value.repeat_interleave(st.expand, dim=1)
     B, Hq, _, D = query.shape
     H, bs = st.H, st.bs
     g = Hq // H
@@ -95,22 +118,31 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling):
             kb = st.read_blocks("k", ids).view(B, nb, H, bs, D)
             vb = st.read_blocks("v", ids).view(B, nb, H, bs, D)
     with timed("decode.attend"):
-        logits = torch.full((B, H, g, width + 1), float("-inf"), dtype=torch.float32, device=q.device)
+        # scaled (and soft-capped) logits in stored order, a scratch column, and a sink column if any
+        extra = 2 if sinks is not None else 1
+        logits = torch.full((B, H, g, width + extra), float("-inf"), dtype=torch.float32, device=q.device)
         pos = torch.arange(nb * bs, device=q.device)
         if nb:
             block_logits = torch.matmul(q[:, None], kb.transpose(-1, -2)).float()  # [B, nb, H, g, bs]
-            block_logits = block_logits.permute(0, 2, 3, 1, 4).reshape(B, H, g, nb * bs)
+            block_logits = cap(block_logits.permute(0, 2, 3, 1, 4).reshape(B, H, g, nb * bs) * scaling, softcap)
             kvalid = pos[None, :] < batch.encoded_k[:, layer, None]
             logits[..., : nb * bs] = block_logits.masked_fill(~kvalid[:, None, None, :], float("-inf"))
         if st.k.ring:
             kr = st.kres[layer].index_select(0, batch.slots_d)  # [B, H, ring, D]
             tk = ring_positions(batch, "k", layer, st.k.ring, width)
-            logits.scatter_(3, tk[:, None, None, :].expand(B, H, g, -1), torch.matmul(q, kr.transpose(-1, -2)).float())
-        new_logit = (q * key).sum(-1, dtype=torch.float32)  # [B, H, g]: the new token's own key
+            ring_logits = cap(torch.matmul(q, kr.transpose(-1, -2)).float() * scaling, softcap)
+            logits.scatter_(3, tk[:, None, None, :].expand(B, H, g, -1), ring_logits)
+        new_logit = cap((q * key).sum(-1, dtype=torch.float32) * scaling, softcap)  # [B, H, g]: the new token's key
         logits.scatter_(3, n[:, None, None, None].expand(B, H, g, 1), new_logit[..., None])
         logits[..., width] = float("-inf")  # the scratch column took the empty ring slots
-        probs = torch.softmax(logits * scaling, dim=-1)  # [B, H, g, width + 1]
-        if batch.observe:
+        if window is not None:  # stored order is position order on a sliding layer
+            cols = torch.arange(width, device=q.device)
+            seen = cols[None, :] >= (n - (window - 1))[:, None]  # [B, width]; the new token is column n
+            logits[..., :width] = logits[..., :width].masked_fill(~seen[:, None, None, :], float("-inf"))
+        if sinks is not None:
+            logits[..., width + 1] = sinks.float().view(H, g)
+        probs = torch.softmax(logits, dim=-1)  # [B, H, g, width + extra]
+        if batch.observe and st.selects[layer]:
             st.selector_states[layer].observe(batch.slots_d, probs[..., :width].reshape(B, Hq, width))
         p = probs.to(value.dtype)
         out = p.gather(3, n[:, None, None, None].expand(B, H, g, 1)) * value  # [B, H, g, D]
@@ -133,22 +165,31 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def prefill_attention(store: KVStore, slot: int, module, query, key, value, scaling):
-    """One sequence: causal SDPA over its own keys, then observe, select and store."""
+def prefill_attention(store: KVStore, slot: int, module, query, key, value, scaling, window=None, softcap=None,
+                      sinks=None):
+    """One sequence: causal SDPA over its own keys, then observe, select and store (a sliding layer
+    stores its window's need, unselected)."""
     st = store
     layer = module.layer_idx
     sel = st.method.selector
     T = key.shape[-2]
     with timed("prefill.sdpa"):
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        out = attend_causal(query, key, value, scaling, window, softcap, sinks)
     with timed("prefill.select_store"):
+        if st.expand > 1:  # KV stored per query head
+            key, value = key.repeat_interleave(st.expand, dim=1), value.repeat_interleave(st.expand, dim=1)
+        k, v = key, value
+        if not st.selects[layer]:
+            keep = st.types[layer].needed(T)
+            st.store(torch.tensor([slot]), layer, key[:, :, T - keep :], value[:, :, T - keep :])
+            return out.transpose(1, 2).contiguous()
         rows = torch.tensor([slot], device=key.device)
         state = st.selector_states[layer]
         observed = sel.prefill_queries(T, layer, st.L)
         if observed:
-            state.observe(rows, attention_scores(query[..., -observed:, :], key, scaling))
+            state.observe(rows, attention_scores(query[..., -observed:, :], key, scaling, softcap=softcap,
+                                                 sinks=sinks, window=window))
         budget = sel.budget(T, layer, st.L)
-        k, v = key, value
         if budget is not None and budget < T:
             valid = torch.ones(1, st.H, T, dtype=torch.bool, device=key.device)
             idx = state.select(rows, valid, budget)

@@ -78,6 +78,7 @@ class Engine:
         self._ids = itertools.count()
         self._prompt_tokens = 0
         self._gen_tokens = 0
+        self._evictions = 0
         self._max_prompt: int | None = None
 
     # ------------------------------------------------------------------------------------- API
@@ -139,14 +140,15 @@ class Engine:
             st = self.store
             # against what an fp cache would hold for the running sequences' whole contexts, so that
             # evicted tokens count as saved (the last token's KV is written by the next step)
-            fp = sum(len(r.prompt) + max(len(r.output) - 1, 0) for r in self.scheduler.running if r.slot is not None)
-            fp *= st.fp_token_bytes
+            # (per layer type: a sliding layer's fp cache holds its window)
+            fp = sum(st.fp_bytes(len(r.prompt) + max(len(r.output) - 1, 0))
+                     for r in self.scheduler.running if r.slot is not None)
             used = st.bytes_used
             return EngineStats(
                 running=len(self.scheduler.running), waiting=len(self.scheduler.waiting), kv_bytes_used=used,
                 kv_bytes_total=st.bytes_total, blocks_used=st.pool.num_used, blocks_free=st.pool.num_free,
                 preemptions=self.scheduler.preemptions, compression=(fp / used) if used and fp else 1.0,
-                prompt_tokens=self._prompt_tokens, generation_tokens=self._gen_tokens,
+                prompt_tokens=self._prompt_tokens, generation_tokens=self._gen_tokens, evictions=self._evictions,
             )
 
     def step(self) -> list[RequestOutput]:
@@ -179,7 +181,7 @@ class Engine:
                     with timed("compact"):
                         alive = [r.slot for r in plan.decode if not r.finished]
                         if alive:
-                            evict_due(self.store, torch.tensor(alive), self.evict_every)
+                            self._evictions += evict_due(self.store, torch.tensor(alive), self.evict_every)
                 except Exception as e:  # noqa: BLE001 - the batch fails, never the engine
                     for r in plan.decode:
                         sch.remove(r)

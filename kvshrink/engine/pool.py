@@ -15,6 +15,13 @@ positions ``[j*bs, (j+1)*bs)`` and the value part the same positions' values.
 Full-precision residuals (KIVI's window) live in per-slot ring buffers; their bytes are counted by
 reserving ``residual_blocks`` pool blocks per admitted sequence, so ``bytes_used`` is exact.
 
+Layer types (``kvshrink.layer_types``, from the config): a sliding-window layer stores what its window
+needs. At prefill only the prompt's last ``window - 1`` tokens are stored; while decoding, ``advance``
+frees a layer's oldest block once none of its tokens is visible to the next query (and both streams
+have encoded it), and shifts the block table: a sliding layer holds at most ``window - 1 + block_size``
+tokens (plus what a codec's residual keeps back), and counters count from its oldest stored block.
+The selector (and its decode hold) applies to full layers only (``Selector.on_sliding``).
+
 Counters are tensors ``[slots, layers]`` on the host (``SlotCounters``), so a step's bookkeeping is a
 few tensor ops over the batch and every layer at once; ``allocate`` answers a step's need for blocks
 with the growth it planned, or ``None`` (a refusal) when the pool cannot hold it.
@@ -28,8 +35,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kvshrink.layer_types import layer_types
 from kvshrink.methods import CompressionMethod
-from kvshrink.methods.base import Encoder, StreamPolicy
+from kvshrink.methods.base import (
+    CutLayout,
+    Encoder,
+    FieldLayout,
+    Payload,
+    SpecError,
+    StreamPolicy,
+    check_cut,
+    plan_cut,
+)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}
@@ -171,9 +188,23 @@ class KVStore:
     def __init__(self, config, method: CompressionMethod, kv_memory: int, block_size: int, max_slots: int,
                  dtype: torch.dtype, device: torch.device):
         self.method = method
+        self.types = layer_types(config)
+        for enc in (method.codec.key_encoder(), method.codec.value_encoder()):
+            if not getattr(enc, "regular", True):
+                raise SpecError(f"{method.codec.spec()}: the engine stores fixed-size encoder chunks; this "
+                                f"setting (one irregular chunk per prompt) runs on the HF path only")
+        if method.selector.evicts_while_decoding():
+            check_cut(method.codec)
         self.L = config.num_hidden_layers
+        # per layer: its sliding window (0: full attention), and whether the selector runs there
+        self.window = torch.tensor([t.window or 0 for t in self.types], dtype=torch.long)
+        self.selects = [not t.sliding or method.selector.on_sliding != "window" for t in self.types]
         self.H = config.num_key_value_heads
         self.Hq = config.num_attention_heads
+        # a query-head selector (snapkv:granularity=query_head) stores every layer's KV repeated per query head
+        self.expand = 1
+        if method.selector.stored_heads(self.H, self.Hq) != self.H:
+            self.expand, self.H = self.Hq // self.H, self.Hq
         self.D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.bs, self.dtype, self.device = block_size, dtype, device
         codec = method.codec
@@ -189,7 +220,9 @@ class KVStore:
                 f"kv_memory={kv_memory} bytes holds {self.num_blocks} blocks of {self.block_bytes} bytes; one "
                 f"sequence needs at least {self.L + self.residual_blocks}; raise kv_memory or lower block_size"
             )
-        self.fp_token_bytes = 2 * self.L * self.H * self.D * esize  # what an uncompressed cache stores per token
+        kv_heads = self.H // self.expand
+        self.fp_token_bytes = 2 * self.L * kv_heads * self.D * esize  # an uncompressed token in every layer
+        self._fp_layer_bytes = 2 * kv_heads * self.D * esize
         self.pool = BlockPool(self.num_blocks)
         per_seq = max(1, self.residual_blocks + self.L)
         self.max_slots = S = max(1, min(max_slots, self.num_blocks // per_seq))
@@ -225,10 +258,20 @@ class KVStore:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def fp_bytes(self, length: int) -> int:
+        """What an uncompressed cache (transformers' ``DynamicCache``) holds for a ``length``-token
+        context: every token in full layers, ``window - 1`` in sliding ones."""
+        return self._fp_layer_bytes * sum(t.needed(length) for t in self.types)
+
     def kept_per_layer(self, length: int) -> list[int]:
+        """Tokens each layer stores after a prefill of ``length``: the selector's budget on the layers
+        it runs on, the window's need on sliding ones."""
         sel = self.method.selector
         out = []
-        for layer in range(self.L):
+        for layer, t in enumerate(self.types):
+            if not self.selects[layer]:
+                out.append(t.needed(length))
+                continue
             b = sel.budget(length, layer, self.L)
             out.append(length if b is None or b >= length else b)
         return out
@@ -254,8 +297,8 @@ class KVStore:
         self.reserved[s] = self.pool.alloc(self.residual_blocks)
         self._grow(torch.tensor([s]), torch.tensor([[self._layer_blocks(n) for n in kept]]))
         sel = self.method.selector
-        self.hold[s] = torch.tensor([h if (h := sel.decode_hold(length, layer, self.L)) is not None else -1
-                                     for layer in range(self.L)])
+        self.hold[s] = torch.tensor([h if self.selects[layer] and (h := sel.decode_hold(length, layer, self.L))
+                                     is not None else -1 for layer in range(self.L)])
         return s
 
     def close_slot(self, s: int) -> None:
@@ -314,7 +357,8 @@ class KVStore:
         return True
 
     def advance(self, growth: Growth) -> None:
-        """After the step's forward: the counters of one token more per sequence and layer."""
+        """After the step's forward: the counters of one token more per sequence and layer; sliding
+        layers then give back the blocks that fell out of their window."""
         c, s = self.counters, growth.slots
         c.encoded_k[s] += growth.encode_k
         c.encoded_v[s] += growth.encode_v
@@ -325,18 +369,45 @@ class KVStore:
         if self.v.ring:
             c.ring_v_start[s] = (c.ring_v_start[s] + growth.encode_v) % self.v.ring
             c.ring_v_len[s] += 1 - growth.encode_v
+        if bool(self.window.any()):
+            self._slide(s)
+
+    def _slide(self, slots: torch.Tensor) -> None:
+        """Free, per sliding layer, the oldest blocks none of whose tokens the next query sees (it sees
+        the last ``window - 1`` stored ones) and that both streams have encoded; shift the table."""
+        c, bs = self.counters, self.bs
+        W = self.window[None, :]
+        dead = (c.stored[slots] - (W - 1)).clamp_min(0) // bs
+        enc = torch.minimum(c.encoded_k[slots], c.encoded_v[slots]) // bs
+        d = torch.where(W > 0, torch.minimum(dead, enc), torch.zeros_like(dead))  # [b, L] blocks to free
+        if not bool(d.any()):
+            return
+        sub = self.table[slots]  # [b, L, maxb]
+        col = torch.arange(sub.shape[-1])
+        self.pool.free(sub[col < d[..., None]])
+        shifted = sub.gather(-1, (col + d[..., None]).clamp(max=sub.shape[-1] - 1))
+        held = c.blocks[slots] - d
+        self.table[slots] = shifted.masked_fill(col >= held[..., None], 0)
+        c.blocks[slots] = held
+        for name in ("encoded_k", "encoded_v", "stored"):
+            getattr(c, name)[slots] -= d * bs
 
     # ------------------------------------------------------------------------------------- writes
     def write_encoded(self, side: str, tables: torch.Tensor, starts: torch.Tensor, x: torch.Tensor) -> None:
         """Encode ``x`` [G, H, n, D] (n a multiple of the chunk) and write it at token positions
         ``starts[g] ..`` of the blocks ``tables[g]`` (one layer's block ids; on the pool's device)."""
+        if x.shape[2]:
+            self.write_payload(side, tables, starts, self.encoder(side).encode(x), x.shape[2])
+
+    def write_payload(self, side: str, tables: torch.Tensor, starts: torch.Tensor, payload: Payload, n: int) -> None:
+        """Write an encoded ``payload`` of ``n`` tokens per row (G rows) at token positions ``starts[g] ..``
+        (chunk-aligned) of the blocks ``tables[g]``: codes move as they are, never re-encoded."""
         lay, store = (self.k, self.kf) if side == "k" else (self.v, self.vf)
-        G, _, n, _ = x.shape
+        G = tables.shape[0]
         if n == 0:
             return
         c = lay.chunk
         nchunks = n // c
-        payload = lay.enc.encode(x)
         pos = starts.view(G, 1) + torch.arange(0, n, c, device=starts.device).view(1, nchunks)
         blk = tables.gather(1, pos // self.bs).view(-1)
         within = ((pos % self.bs) // c).view(-1)
@@ -360,10 +431,12 @@ class KVStore:
         if self.vres is not None and T > nv:
             self.vres[layer, rows, :, : T - nv] = v[:, :, nv:]
 
-    def record_stored(self, slots: torch.Tensor, layer: int, T: int) -> tuple[int, int]:
+    def record_stored(self, slots: torch.Tensor, layer: int, T: int,
+                      encoded: tuple[int, int] | None = None) -> tuple[int, int]:
         """The accounting half of ``store``: blocks and counters for ``T`` tokens in an empty layer
-        (the simulator calls it alone). Returns the tokens the two streams encode."""
-        nk, nv = self.k.n_to_encode(T), self.v.n_to_encode(T)
+        (the simulator calls it alone), the streams encoding what their policies say, or ``encoded``
+        (keys, values; a cut's layout). Returns the tokens the two streams encode."""
+        nk, nv = encoded if encoded is not None else (self.k.n_to_encode(T), self.v.n_to_encode(T))
         new_blocks = torch.zeros(len(slots), self.L, dtype=torch.long)
         new_blocks[:, layer] = (-(-max(nk, nv) // self.bs) - self.counters.blocks[slots, layer]).clamp_min(0)
         self._grow(slots, new_blocks)
@@ -377,6 +450,29 @@ class KVStore:
     def read_blocks(self, side: str, ids: torch.Tensor) -> torch.Tensor:
         """Decode blocks ``ids`` [N] -> [N, H, block_size, D]."""
         return self.encoder(side).decode(self.read_payload(side, ids), self.dtype)
+
+    def cut_layout(self, slot: int, layer: int, hold: int) -> CutLayout:
+        """Where a cut of ``layer`` of ``slot`` back to ``hold`` leaves its streams (counters only)."""
+        c = self.counters
+        return plan_cut(int(c.stored[slot, layer]), hold, (int(c.encoded_k[slot, layer]), int(c.encoded_v[slot, layer])),
+                        (self.k.chunk, self.v.chunk))
+
+    def fields(self, side: str) -> list[FieldLayout]:
+        return (self.k if side == "k" else self.v).fields
+
+    def slot_payload(self, side: str, tables: torch.Tensor) -> Payload:
+        """The payload of every token in blocks ``tables`` ``[G, nb]`` (one layer), per row ``[G, H, ...]``
+        in stored order, as the encoder would have produced it for ``nb * block_size`` tokens."""
+        G, nb = tables.shape
+        lay = self.k if side == "k" else self.v
+        flat = self.read_payload(side, tables.reshape(-1))
+        out = {}
+        for f in lay.fields:
+            d = 1 + f.tok_dim
+            t = flat[f.name]
+            t = t.view(G, nb, *t.shape[1:]).movedim(1, d)  # [G, ..., nb, rows per block, ...]
+            out[f.name] = t.reshape(*t.shape[:d], nb * t.shape[d + 1], *t.shape[d + 2 :])
+        return out
 
     def read_payload(self, side: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The payload of blocks ``ids`` [N], as the encoder would have produced it for N sequences."""

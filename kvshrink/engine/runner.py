@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from kvshrink.engine.attention import decode_attention, prefill_attention
+from kvshrink.engine.attention import attend_causal, decode_attention, prefill_attention
 from kvshrink.engine.batch import DecodeBatch
 from kvshrink.engine.pool import KVStore
 from kvshrink.engine.timers import timed
 from kvshrink.errors import CompressionNotInEffect, untested_transformers
+from kvshrink.layer_types import check_call
+from kvshrink.methods.scoring import eager_attention
 
 ATTN_NAME = "kvshrink_paged"
 
@@ -41,14 +43,20 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     ctx = kwargs.get("kvshrink_batch")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if ctx is None:  # called outside the engine: plain causal attention, nothing stored
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
-                                             enable_gqa=True)
+    window, softcap, sinks = kwargs.get("sliding_window") or None, kwargs.get("softcap"), kwargs.get("s_aux")
+    if ctx is None:  # called outside the engine: plain causal attention (of the layer's type), nothing stored
+        if query.shape[2] == 1:
+            out = eager_attention(query, key, value, None, scaling, softcap, sinks) if (softcap or sinks is not None) \
+                else F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+        else:
+            out = attend_causal(query, key, value, scaling, window, softcap, sinks)
         return out.transpose(1, 2).contiguous(), None
     ctx.layers_run += 1
+    store = ctx.store if isinstance(ctx, PrefillContext) else ctx.batch.store
+    check_call(store.types[module.layer_idx], module.layer_idx, window, "engine")
     if isinstance(ctx, PrefillContext):
-        return prefill_attention(ctx.store, ctx.slot, module, query, key, value, scaling), None
-    return decode_attention(ctx.batch, module, query, key, value, scaling), None
+        return prefill_attention(ctx.store, ctx.slot, module, query, key, value, scaling, window, softcap, sinks), None
+    return decode_attention(ctx.batch, module, query, key, value, scaling, window, softcap, sinks), None
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)

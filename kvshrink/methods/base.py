@@ -156,18 +156,88 @@ def payload_bytes(p: Payload) -> int:
     return sum(t.numel() * t.element_size() for t in p.values())
 
 
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def concat_payloads(fields: list[FieldLayout], parts: list[Payload]) -> Payload:
+    """Payloads of consecutive token runs as one (every field joined along its token dimension)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {f.name: torch.cat([p[f.name] for p in parts], dim=1 + f.tok_dim) for f in fields}
+
+
+def gather_payload(fields: list[FieldLayout], chunk: int, p: Payload, idx: torch.Tensor) -> Payload:
+    """The payload of tokens ``idx`` ``[B, H, n]`` of ``p`` (``[B, H, ...]`` per field), in the code
+    domain: codes and metadata are copied, nothing is decoded or re-encoded.
+
+    With ``chunk == 1`` every token is its own chunk and any tokens may be taken. With ``chunk > 1``
+    ``idx`` must list whole chunks (``c`` consecutive tokens starting at a multiple of ``c``, as a cut
+    on a grouped stream keeps them); each chunk's rows of every field are copied."""
+    B, H, n = idx.shape
+    if chunk > 1 and n % chunk:
+        raise ValueError(f"a grouped payload is gathered in whole chunks of {chunk}, got {n} tokens")
+    units = idx[..., ::chunk] // chunk  # [B, H, n / chunk]
+    out = {}
+    for f in fields:
+        if f.tok_dim < 1 or f.per_chunk[0] != H:
+            raise ValueError(f"payload field {f.name!r} is not laid out [heads, ...tokens...]: {f.per_chunk}")
+        d, r = 1 + f.tok_dim, f.per_chunk[f.tok_dim]
+        t = p[f.name].movedim(d, 2)  # [B, H, rows, *rest]
+        rows = (units[..., None] * r + torch.arange(r, device=idx.device)).reshape(B, H, -1)
+        g = rows.view(B, H, -1, *([1] * (t.dim() - 3))).expand(B, H, rows.shape[-1], *t.shape[3:])
+        out[f.name] = t.gather(2, g).movedim(2, d)
+    return out
+
+
+def merge_payloads(fields: list[FieldLayout], old: Payload, new: Payload, use_old: torch.Tensor) -> Payload:
+    """Per token (``use_old`` ``[B, H, n]``, chunk-1 payloads): ``old``'s codes where True, ``new``'s elsewhere."""
+    out = {}
+    for f in fields:
+        d, r = 1 + f.tok_dim, f.per_chunk[f.tok_dim]
+        m = use_old.repeat_interleave(r, dim=2) if r > 1 else use_old  # [B, H, rows]
+        t_old, t_new = old[f.name].movedim(d, 2), new[f.name].movedim(d, 2)
+        m = m.view(*m.shape, *([1] * (t_old.dim() - 3)))
+        out[f.name] = torch.where(m, t_old, t_new.to(t_old.dtype)).movedim(2, d)
+    return out
+
+
+def slice_payload(fields: list[FieldLayout], chunk: int, p: Payload, start: int) -> Payload:
+    """``p`` without its first ``start`` tokens (a multiple of ``chunk``)."""
+    out = {}
+    for f in fields:
+        r = f.per_chunk[f.tok_dim]
+        out[f.name] = p[f.name].narrow(1 + f.tok_dim, start // chunk * r,
+                                       p[f.name].shape[1 + f.tok_dim] - start // chunk * r)
+    return out
+
+
 class _Stream:
-    """One tensor's storage: encoded chunks (oldest first) followed by a full-precision residual."""
+    """One tensor's storage: encoded tokens (oldest first) followed by a full-precision residual.
+
+    A token is encoded once: ``keep`` and ``drop_front`` move codes and metadata in the code domain."""
 
     def __init__(self, enc: Encoder, policy: StreamPolicy):
         self.enc, self.policy = enc, policy
         self.chunks: list[Payload] = []
         self.n_encoded = 0
         self.residual: torch.Tensor | None = None
-        self._decoded: torch.Tensor | None = None  # cache of decoded chunks, for simulation speed only
+        self._decoded: torch.Tensor | None = None  # decoded codes, for simulation speed only
+        self._fields: list[FieldLayout] | None = None
 
     def __len__(self) -> int:
         return self.n_encoded + (0 if self.residual is None else self.residual.shape[-2])
+
+    def fields(self, like: torch.Tensor) -> list[FieldLayout]:
+        if self._fields is None:
+            self._fields = self.enc.layout(like.shape[1], like.shape[-1], like.dtype)
+        return self._fields
+
+    def codes(self, like: torch.Tensor) -> Payload:
+        """Every encoded token as one payload."""
+        if len(self.chunks) > 1:
+            self.chunks = [concat_payloads(self.fields(like), self.chunks)]
+        return self.chunks[0]
 
     def append(self, x: torch.Tensor) -> None:
         self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
@@ -184,6 +254,60 @@ class _Stream:
         parts = [t for t in (self._decoded, self.residual) if t is not None and t.shape[-2] > 0]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
+    def keep(self, idx: torch.Tensor, n_encoded: int) -> None:
+        """Keep tokens ``idx`` ``[B, H, n]`` (ascending); the first ``n_encoded`` of them are stored
+        encoded afterwards: their own codes when they were encoded already (whole chunks of a grouped
+        encoder), else encoded now for the first time (chunk-1 encoders only); the rest stay in full
+        precision. ``plan_cut`` chooses ``idx`` and ``n_encoded`` so that no encoded token ever goes
+        back to the residual (where it would be encoded again)."""
+        x = self.get()
+        kept = _take(x, idx)
+        E, c = self.n_encoded, self.enc.chunk
+        head, tail = idx[..., :n_encoded], idx[..., n_encoded:]
+        if bool((tail < E).any()):
+            raise AssertionError("an encoded token would return to the full-precision residual")
+        p = None
+        if n_encoded:
+            old = head < E
+            if bool(old.all()):
+                p = gather_payload(self.fields(x), c, self.codes(x), head)
+            elif c > 1:
+                raise AssertionError("a grouped stream keeps whole encoded chunks only")
+            else:
+                p = self.enc.encode(kept[..., :n_encoded, :])
+                if bool(old.any()):
+                    fresh = gather_payload(self.fields(x), c, self.codes(x), head.clamp(max=E - 1))
+                    p = merge_payloads(self.fields(x), fresh, p, old)
+        self.chunks = [p] if p is not None else []
+        self._decoded = self.enc.decode(p, x.dtype) if p is not None else None
+        self.n_encoded = n_encoded
+        self.residual = kept[..., n_encoded:, :]
+
+    def droppable(self, n: int) -> int:
+        """How many of the first ``n`` tokens can be dropped alone (whole chunks of the encoded part;
+        all of it or nothing for an encoder with irregular chunks)."""
+        if n > self.n_encoded:
+            return n
+        if not getattr(self.enc, "regular", True):
+            return n if n == self.n_encoded else 0
+        return n - n % self.enc.chunk
+
+    def drop_front(self, n: int) -> None:
+        """Drop the first ``n`` tokens (``droppable(n) == n``), in the code domain."""
+        if n <= 0:
+            return
+        x = self.get()
+        if n <= self.n_encoded:
+            if n < self.n_encoded:
+                self.chunks = [slice_payload(self.fields(x), self.enc.chunk, self.codes(x), n)]
+                self._decoded = self._decoded[..., n:, :]
+            else:
+                self.chunks, self._decoded = [], None
+            self.n_encoded -= n
+        else:
+            self.residual = self.residual[..., n - self.n_encoded :, :]
+            self.chunks, self._decoded, self.n_encoded = [], None, 0
+
     def nbytes(self) -> int:
         res = 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
         return sum(payload_bytes(p) for p in self.chunks) + res
@@ -192,13 +316,102 @@ class _Stream:
         self.chunks, self.n_encoded, self.residual, self._decoded = [], 0, None, None
 
 
+@dataclass(frozen=True)
+class CutLayout:
+    """Where a cut back to ``hold`` tokens leaves a layer's two streams. Every count is a function of
+    the counters before the cut only (the engine's pool and its simulator account a cut without
+    seeing any tensor).
+
+    ``unit``: 1 when both encoders take single tokens (the selector's tokens are kept exactly,
+    ``kept == hold``); else the chunk of the grouped encoder (KIVI's keys, GEAR): its encoded
+    region ``[0, grouped)`` is kept in ``groups`` whole chunks, the tokens after it one by one
+    (``kept = tokens + groups * unit <= hold``). ``encoded_k``/``encoded_v``: tokens each stream
+    holds encoded after the cut."""
+
+    n: int
+    hold: int
+    kept: int
+    unit: int
+    grouped: int
+    groups: int
+    encoded_k: int
+    encoded_v: int
+
+
+def plan_cut(n: int, hold: int, encoded: tuple[int, int], chunks: tuple[int, int]) -> CutLayout:
+    """The layout of a cut of ``n`` stored tokens to ``hold``; ``encoded``/``chunks``: (keys, values).
+
+    Code-domain eviction: a kept token keeps its codes and its chunk's metadata; an encoded token is
+    never decoded back into the residual. For chunk-1 streams the first ``min(kept, encoded)`` kept
+    tokens stay (or become, if they were still in the residual) encoded. A grouped stream keeps
+    whole chunks: every token after its encoded region is kept (up to ``hold``), and the rest of the
+    hold buys whole chunks (see ``round_to_units``)."""
+    (ek, ev), (ck, cv) = encoded, chunks
+    hold = min(hold, n)
+    grouped = [(e, c) for e, c in ((ek, ck), (ev, cv)) if c > 1]
+    if not grouped:
+        return CutLayout(n, hold, hold, 1, 0, 0, min(hold, ek), min(hold, ev))
+    if len(grouped) == 2 and (ck != cv or ek != ev):
+        raise SpecError(f"eviction needs the key and value encoders grouped alike (chunks {ck}/{cv}, "
+                        f"encoded {ek}/{ev})")
+    E, c = grouped[0]
+    tokens = min(n - E, hold)
+    groups = min(E // c, (hold - tokens) // c)
+    kept = tokens + groups * c
+    enc_k = groups * c if ck > 1 else min(kept, ek)
+    enc_v = groups * c if cv > 1 else min(kept, ev)
+    return CutLayout(n, hold, kept, c, E, groups, enc_k, enc_v)
+
+
+def check_cut(codec: Codec) -> None:
+    """Raise (at set-up) if a rolling selector could not evict from this codec in the code domain."""
+    for enc in (codec.key_encoder(), codec.value_encoder()):
+        if not getattr(enc, "per_head", True) or not getattr(enc, "regular", True):
+            raise SpecError(f"{codec.spec()}: a selector that evicts while decoding needs per-head, fixed-size "
+                            f"chunks (a cut keeps different tokens per head, in the code domain); use a one-shot "
+                            f"selector or the codec's default settings")
+    ck, cv = int(codec.key_encoder().chunk), int(codec.value_encoder().chunk)
+    if ck > 1 and cv > 1 and (ck != cv or codec.key_policy() != codec.value_policy()):
+        raise SpecError(f"{codec.name}: a selector that evicts while decoding needs the key and value "
+                        f"encoders grouped alike (chunks {ck}/{cv}); use a one-shot selector")
+
+
+def round_to_units(idx: torch.Tensor, priority: torch.Tensor | None, valid: torch.Tensor,
+                   layout: CutLayout) -> torch.Tensor:
+    """The tokens a cut keeps ``[B, H, kept]`` (ascending), from the selector's ``idx`` ``[B, H, hold]``.
+
+    ``unit == 1``: ``idx`` itself. Otherwise every token after the grouped region competes for the
+    ``kept - groups * unit`` single places, and whole chunks of the grouped region for ``groups``:
+    a token ranks by (selected, ``priority``, position); a chunk by its best token, then by how many of
+    its tokens were selected. Padding ranks last."""
+    if layout.unit == 1:
+        return idx
+    B, H, n = valid.shape
+    dev = idx.device
+    selected = torch.zeros(B, H, n, dtype=torch.bool, device=dev).scatter_(2, idx, True)
+    prio = (torch.arange(n, device=dev, dtype=torch.float32).expand(B, H, n) if priority is None
+            else priority.float())
+    rank = prio.argsort(dim=-1, stable=True).argsort(dim=-1)  # 0..n-1, ties by position
+    key = torch.where(valid, selected.long() * n + rank, torch.full_like(rank, -1))
+    E, c, g = layout.grouped, layout.unit, layout.groups
+    t = layout.kept - g * c
+    parts = []
+    if t:
+        parts.append(key[..., E:].topk(t, dim=-1).indices + E)
+    if g:
+        gk = key[..., :E].view(B, H, E // c, c)
+        score = gk.amax(-1) * (c + 1) + selected[..., :E].view(B, H, E // c, c).sum(-1)
+        top = score.topk(g, dim=-1).indices  # [B, H, g]
+        parts.append((top[..., None] * c + torch.arange(c, device=dev)).reshape(B, H, g * c))
+    return torch.cat(parts, dim=-1).sort(dim=-1).values
+
+
 class CodecState:
     """A codec's storage for one layer of a batch: keys and values as two streams.
 
-    ``keep`` (eviction after tokens were stored) decodes, gathers and re-encodes: a token that
-    survives an eviction may be re-quantised with new group statistics. Selectors that evict
-    once at prefill (SnapKV, PyramidKV, KVCrush) select before anything is encoded and never pay this.
-    """
+    Eviction after tokens were stored (``keep``) works on the stored codes: a token is quantised at
+    most once in its life (see ``plan_cut``). Selectors that evict once at prefill (SnapKV,
+    PyramidKV, KVCrush) select before anything is encoded."""
 
     def __init__(self, codec: Codec):
         self.codec = codec
@@ -215,14 +428,26 @@ class CodecState:
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k.get(), self.v.get()
 
-    def keep(self, idx: torch.Tensor) -> None:
-        """Keep only tokens ``idx`` ([B, H, n], ascending) in that order."""
-        k, v = self.get()
-        g = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-        k, v = k.gather(2, g), v.gather(2, g)
-        self.k.reset()
-        self.v.reset()
-        self.append(k, v)
+    def plan_cut(self, hold: int) -> CutLayout:
+        return plan_cut(len(self), hold, (self.k.n_encoded, self.v.n_encoded),
+                        (int(self.k.enc.chunk), int(self.v.enc.chunk)))
+
+    def keep(self, idx: torch.Tensor, layout: CutLayout | None = None) -> None:
+        """Keep only tokens ``idx`` ([B, H, n], ascending, as ``round_to_units`` returns for ``layout``;
+        default: the layout of a cut to ``n``) in that order, in the code domain."""
+        layout = layout or self.plan_cut(idx.shape[-1])
+        if idx.shape[-1] != layout.kept:
+            raise ValueError(f"keep: {idx.shape[-1]} tokens for a layout that keeps {layout.kept}")
+        self.k.keep(idx, layout.encoded_k)
+        self.v.keep(idx, layout.encoded_v)
+
+    def droppable(self, n: int) -> int:
+        """Of the first ``n`` tokens, how many both streams can drop (a sliding window moving on)."""
+        return min(self.k.droppable(n), self.v.droppable(n))
+
+    def drop_front(self, n: int) -> None:
+        self.k.drop_front(n)
+        self.v.drop_front(n)
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
@@ -259,10 +484,18 @@ class Selector(Method):
     - ``observes_decode``: whether every decode step's attention is observed too (H2O);
     - ``budget``: tokens kept at the end of prefill; ``decode_hold``: tokens the cache is held at
       while decoding (None: it grows freely after prefill);
-    - ``select``: which tokens, given the state's statistics.
+    - ``select``: which tokens, given the state's statistics; ``priority``: optionally, the score it
+      ranks tokens by (a cut on a grouped codec rounds the selection to whole chunks by it).
+
+    Sliding-window layers: a selector runs on the layers whose attention spans the whole context
+    (``on_sliding = "window"``, every built-in selector): a sliding layer keeps its window (at most
+    ``window - 1`` stored tokens plus storage granularity), its codec still applies, and the selector
+    neither observes nor evicts there. Budgets (``ratio=``) resolve against the prompt as for any
+    layer; ``layer``/``num_layers`` count every layer, sliding ones included.
     """
 
     kind: ClassVar = "selector"
+    on_sliding: ClassVar[str] = "window"
 
     def prefill_queries(self, length: int, layer: int, num_layers: int) -> int:
         return 0
@@ -278,9 +511,23 @@ class Selector(Method):
         """Tokens per sequence and KV head the cache is cut back to while decoding; None: no eviction."""
         return None
 
+    def evicts_while_decoding(self) -> bool:
+        """Whether ``decode_hold`` may cut stored (encoded) tokens (H2O, StreamingLLM)."""
+        return False
+
     def select(self, inp: SelectionInput, budget: int) -> torch.Tensor:
         """Indices ``[B, H_kv, budget]`` (ascending) of the tokens to keep."""
         raise NotImplementedError
+
+    def stored_heads(self, kv_heads: int, query_heads: int) -> int:
+        """Heads the cache stores per layer where this selector selects: ``kv_heads`` (one selection per
+        KV head, shared by its query group), or ``query_heads`` (keys and values repeated per query head
+        before a selection per query head, as SnapKV's reference does after ``repeat_kv``)."""
+        return kv_heads
+
+    def priority(self, inp: SelectionInput, budget: int) -> torch.Tensor | None:
+        """``[B, H_kv, T]`` the score ``select`` keeps the top of (forced tokens ``+inf``), or None."""
+        return None
 
     def new_state(self, layer: int, num_layers: int, rows: int) -> SelectorState:
         return SelectorState(self, layer, num_layers, rows)
@@ -331,6 +578,15 @@ class SelectorState:
 
     def select(self, rows: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
         return self.selector.select(self.selection_input(rows, valid), budget)
+
+    def select_cut(self, rows: torch.Tensor, valid: torch.Tensor, layout: CutLayout) -> torch.Tensor:
+        """The tokens a cut with ``layout`` keeps: the selector's choice of ``layout.hold``, rounded to
+        the codec's chunks where it groups tokens (``round_to_units``)."""
+        inp = self.selection_input(rows, valid)
+        idx = self.selector.select(inp, layout.hold)
+        if layout.unit == 1:
+            return idx
+        return round_to_units(idx, self.selector.priority(inp, layout.hold), valid, layout)
 
     def keep(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
         """The rows' stored tokens became ``idx`` ``[b, H_kv, n]``: carry their statistics along."""
@@ -401,6 +657,9 @@ class BudgetSelector(Selector):
 
     def decode_hold(self, length: int, layer: int, num_layers: int) -> int | None:
         return self.rolling_hold(length, layer, num_layers) if self.rolling else None
+
+    def evicts_while_decoding(self) -> bool:
+        return self.rolling
 
     def rolling_hold(self, length: int, layer: int, num_layers: int) -> int | None:
         """A rolling rule holds the prompt's budget, or ``budget=N`` once a short prompt grew to N."""

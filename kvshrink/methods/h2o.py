@@ -8,7 +8,7 @@ import torch
 
 from kvshrink.methods.base import BudgetSelector, SelectionInput, check
 from kvshrink.methods.registry import register
-from kvshrink.methods.scoring import recent_mask, topk_keep
+from kvshrink.methods.scoring import ranked, recent_mask, topk_keep
 
 
 @register
@@ -30,7 +30,12 @@ class H2O(BudgetSelector):
     Deviations from FMInference/H2O (``H2OKVCache_LayerWise``): scores are kept per sequence (the
     reference sums them over the batch); under GQA the accumulated scores of a KV head's query heads
     are averaged (KVCache-Factory's ``gqa_score_agg='mean'``); left padding gets no score and is
-    never kept ahead of a real token.
+    never kept ahead of a real token. On a codec that groups tokens (KIVI's keys, GEAR) a cut keeps
+    whole groups (``methods.base.plan_cut``), so the cache may hold up to ``group - 1`` tokens fewer
+    than ``N``; kept tokens are never re-quantised.
+
+    Sliding-window layers are left to their window (no scores, no eviction there); ``N`` applies to
+    the full-attention layers.
     """
 
     name = "h2o"
@@ -62,3 +67,10 @@ class H2O(BudgetSelector):
         if inp.scores is None:
             raise ValueError("h2o needs accumulated attention scores (run through kvshrink's attention)")
         return topk_keep(inp.scores, budget, inp.valid, forced=recent_mask(inp.valid, self.recent(budget)))
+
+    def protected(self, inp: SelectionInput, budget: int) -> torch.Tensor:
+        """``[B, H_kv, T]`` the tokens this rule always keeps: the recent window."""
+        return recent_mask(inp.valid, self.recent(budget)) & inp.valid
+
+    def priority(self, inp: SelectionInput, budget: int) -> torch.Tensor:
+        return ranked(inp.scores, inp.valid, forced=recent_mask(inp.valid, self.recent(budget)))

@@ -49,6 +49,11 @@ class KIVI(Codec):
     - values: when ``group`` does not divide the head dim, the whole head dim is one group (the
       reference asserts divisibility).
     - ``residual`` must be a multiple of ``group`` (the reference asserts it at flush time).
+
+    Eviction (H2O, StreamingLLM on top) works on the stored codes: a kept key keeps its codes and its
+    group's scale/zero, whole key groups are kept or dropped, and no token is quantised twice
+    (``methods.base.plan_cut``). On a sliding-window layer the window is stored the same way (key
+    groups leave it whole).
     """
 
     name = "kivi"

@@ -14,45 +14,58 @@ from kvshrink.methods.snapkv import SnapKV
 
 BASES: dict[str, type[BudgetSelector]] = {"snapkv": SnapKV, "h2o": H2O}
 ANCHORS = ("random", "zeros", "ones", "mean", "alternate")
+SIGNATURES = ("auto", "group", "layer")
 
 
-def head_signatures(head_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Binary signature of every token across query heads: ``[B, H_q, T]`` bool, bit ``h`` set when
-    the token is among the top ``⌊n/2⌋`` of head ``h``'s scores over the row's ``n`` real tokens."""
-    s = head_scores.float().masked_fill(~valid, float("-inf"))
+def head_signatures(head_scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Binary signature bits ``[..., heads, T]``: bit set when the token is among the top ``⌊n/2⌋`` of
+    that head's scores over the ``n`` tokens of ``region`` (same shape, bool); 0 outside the region."""
+    s = head_scores.float().masked_fill(~region, float("-inf"))
     rank = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    half = valid.sum(-1, keepdim=True) // 2
-    return (rank < half) & valid
+    half = region.sum(-1, keepdim=True) // 2
+    return (rank < half) & region
 
 
 @register
 @dataclass
 class KVCrush(BudgetSelector):
     """KVCrush, Jha et al., "KVCrush: Key value cache size-reduction using similarity in
-    head-behaviour", arXiv 2503.00022.
+    head-behaviour", arXiv 2503.00022 (reference: OpenVINO GenAI ``KVCrushAlgorithm``,
+    ``continuous_batching/cache/kvcrush.cpp``, driven by ``cache_eviction.cpp``).
 
-    Budget ``N`` per sequence and KV head splits into ``R = ⌊share · N⌋`` representatives and
-    ``N − R`` tokens chosen by the importance selector ``base`` (SnapKV or H2O, default parameters).
-    For token ``j`` with per-query-head scores ``a_h[j]`` (over all ``H_q`` query heads of the
-    layer) and anchor ``α ∈ {0,1}^{H_q}``::
+    ``R = ⌊share · N⌋`` representatives and ``N`` tokens chosen by the importance selector ``base``
+    (SnapKV or H2O, default parameters); ``additive=false`` (default) carves them out of one budget
+    (base ``N − R``, total ``N``), ``additive=true`` puts them on top (base ``N``, total ``N + R``; the
+    reference keeps ``kvcrush_budget`` blocks in addition to ``max_cache_size``). Per sequence and KV
+    head ``h``, with ``P`` the tokens the base always keeps (SnapKV's window, H2O's recent window),
+    the *evictable region* ``V = real tokens ∖ P``, per-query-head scores ``a_i`` of the heads ``i`` of
+    the signature and anchor ``α``::
 
-        σ(j)_h = 1  iff  a_h[j] is among the top ⌊n/2⌋ of head h          (n real tokens)
+        σ(j)_i = 1  iff  j ∈ V and a_i[j] is among the top ⌊|V|/2⌋ of a_i over V
         d(j)   = Hamming(σ(j), α)
-        E      = tokens the base selector evicts, sorted by (d, position)
-        keep   = base(N − R)  ∪  { E[i · ⌊|E| / R⌋] : i = 0 … R − 1 }
+        E      = tokens of V the base evicts, sorted by (d, position)
+        keep   = base  ∪  { E[k · ⌊|E| / R⌋] : k = 0 … R − 1 }
+
+    Signatures (``signature=``): ``layer`` spans all ``H_q`` query heads of the layer (the paper's
+    "across heads"), valid while every KV head's column ``j`` is the same token (a one-shot SnapKV base
+    at prefill); ``group`` spans the query heads of KV head ``h``'s own group, valid always (after a
+    per-head eviction column ``j`` is a different token in each KV head, so bits of another head's
+    column would describe another token). ``auto`` (default): ``layer`` for SnapKV, ``group`` for H2O.
 
     Anchors: ``random`` (bits drawn from a generator seeded with ``seed + layer``), ``zeros``,
-    ``ones``, ``mean`` (the majority bit of each head over the row's real tokens), ``alternate``
-    (0, 1, 0, 1, …). Default ``random``, as OpenVINO GenAI's ``KVCrushConfig``.
+    ``ones``, ``mean`` (the majority bit of each signature position over the evictable region),
+    ``alternate`` (0, 1, 0, 1, …). Default ``random``, as OpenVINO GenAI's ``KVCrushConfig``.
 
-    The paper gives no public reference code; the authors' implementation is OpenVINO GenAI's paged
-    ``KVCrushAlgorithm`` (``kvcrush.cpp``), which works on blocks (a block's signature is the bits of
-    its tokens under the layer score). This is the paper's token-level form; from the reference it
-    takes the "top half" bit rule, the anchors and the evenly spaced picks ``i · ⌊|E|/R⌋`` (a stride
-    from the closest signature, rather than a linspace that would also hit the farthest). The
-    representatives are chosen per KV head from that head's evicted set; the signatures span all
-    query heads and are shared by the layer's KV heads. If fewer than ``R`` real tokens were evicted,
-    the remaining picks are padding (masked out of attention).
+    Deviations from the reference: it works on blocks (a block's bits are its tokens' indicators under
+    the layer score, the anchor one bit per block position) and keeps whole representative blocks;
+    this is the paper's token-level form (bits across heads per token). Taken from the reference: the
+    top-half rule ranked over the evictable region only, the anchors, and the evenly spaced picks
+    ``k · ⌊|E|/R⌋`` (a stride from the closest signature). Which accounting the paper's LongBench
+    numbers use is not stated unambiguously; its method text splits one cache budget (``additive=false``),
+    the reference implementation adds the representatives on top (``additive=true``). If fewer than
+    ``R`` real tokens were evicted, the remaining picks are padding (masked out of attention).
+
+    Sliding-window layers are left to their window, as by the base selectors.
     """
 
     name = "kvcrush"
@@ -61,6 +74,8 @@ class KVCrush(BudgetSelector):
     share: float = 0.25
     anchor: str = "random"
     seed: int = 0
+    signature: str = "auto"
+    additive: bool = False
 
     def __post_init__(self) -> None:
         check(self.base in BASES, f"{self.name}: base must be one of {', '.join(BASES)}; got {self.base!r}")
@@ -69,7 +84,12 @@ class KVCrush(BudgetSelector):
             self.anchor in ANCHORS,
             f"{self.name}: anchor must be one of {', '.join(ANCHORS)}; got {self.anchor!r}",
         )
+        check(self.signature in SIGNATURES,
+              f"{self.name}: signature must be one of {', '.join(SIGNATURES)}; got {self.signature!r}")
         self._base = BASES[self.base]()
+        check(not (self.signature == "layer" and self._base.rolling),
+              f"{self.name}: signature=layer needs a token order shared by the KV heads, which base={self.base} "
+              f"breaks at its first eviction; use signature=group")
         super().__post_init__()
 
     # The base selector decides what the cache observes and whether eviction repeats.
@@ -82,51 +102,93 @@ class KVCrush(BudgetSelector):
     def decode_hold(self, length: int, layer: int, num_layers: int) -> int | None:
         return self.rolling_hold(length, layer, num_layers) if self._base.rolling else None
 
+    def evicts_while_decoding(self) -> bool:
+        return self._base.rolling
+
+    def budget(self, length: int, layer: int, num_layers: int) -> int | None:
+        n = self.base_budget(length)
+        if n is None or not self.additive:
+            return n
+        total = n + self.representatives(n)
+        return total if total < length else None
+
+    def rolling_hold(self, length: int, layer: int, num_layers: int) -> int | None:
+        b = self.budget(length, layer, num_layers)
+        if b is not None or not self.budget_tokens:
+            return b
+        return self.budget_tokens + (self.representatives(self.budget_tokens) if self.additive else 0)
+
     def representatives(self, budget: int) -> int:
         return int(budget * self.share)
 
+    def split(self, total: int) -> tuple[int, int]:
+        """(base tokens, representatives) of a cache of ``total`` tokens."""
+        if not self.additive:
+            r = self.representatives(total)
+            return total - r, r
+        n = int(total / (1 + self.share))
+        while n + 1 + self.representatives(n + 1) <= total:
+            n += 1
+        return n, total - n
+
     def min_budget(self) -> int:
         b = self._base.min_budget()
-        while b - self.representatives(b) < self._base.min_budget():
+        while not self.additive and b - self.representatives(b) < self._base.min_budget():
             b += 1
         return b
 
-    def anchor_bits(self, sig: torch.Tensor, valid: torch.Tensor, layer: int) -> torch.Tensor:
-        """Anchor signature ``[B, H_q]`` (as the signatures' dtype)."""
-        B, Hq, _ = sig.shape
+    def signature_heads(self) -> str:
+        return self.signature if self.signature != "auto" else ("group" if self._base.rolling else "layer")
+
+    def anchor_bits(self, sig: torch.Tensor, region: torch.Tensor, layer: int) -> torch.Tensor:
+        """Anchor signature ``[..., bits]`` for signatures ``sig`` ``[..., bits, T]`` (bool)."""
+        *lead, nbits, _ = sig.shape
+        if self.anchor == "mean":  # majority bit of each position over the evictable region
+            n = region.sum(-1).clamp(min=1)
+            return sig.sum(-1) / n > 0.5
         if self.anchor == "random":
             g = torch.Generator().manual_seed(self.seed + layer)
-            a = torch.randint(0, 2, (Hq,), generator=g).bool()
+            heads = lead[1:]  # one draw per signature (per KV head with group signatures)
+            a = torch.randint(0, 2, (*heads, nbits), generator=g).bool()
         elif self.anchor == "zeros":
-            a = torch.zeros(Hq, dtype=torch.bool)
+            a = torch.zeros(nbits, dtype=torch.bool)
         elif self.anchor == "ones":
-            a = torch.ones(Hq, dtype=torch.bool)
-        elif self.anchor == "alternate":
-            a = torch.arange(Hq) % 2 == 1
-        else:  # mean: majority bit per head over real tokens
-            n = valid.sum(-1).clamp(min=1)
-            return sig.sum(-1) / n > 0.5
-        return a.to(sig.device).expand(B, Hq)
+            a = torch.ones(nbits, dtype=torch.bool)
+        else:  # alternate
+            a = torch.arange(nbits) % 2 == 1
+        return a.to(sig.device).expand(*lead, nbits)
+
+    def distances(self, inp: SelectionInput, region: torch.Tensor) -> torch.Tensor:
+        """Hamming distance ``[B, H_kv, T]`` of every token's signature to the anchor."""
+        B, H, T = region.shape
+        Hq = inp.head_scores.shape[1]
+        if self.signature_heads() == "group":
+            scores = inp.head_scores.view(B, H, Hq // H, T)
+            reg = region[:, :, None, :].expand(B, H, Hq // H, T)
+            sig = head_signatures(scores, reg)  # [B, H, g, T]
+            return (sig != self.anchor_bits(sig, reg, inp.layer)[..., None]).sum(2)
+        reg = region[:, :1].expand(B, Hq, T)  # shared token order: KV head 0's columns are everyone's
+        sig = head_signatures(inp.head_scores, reg)  # [B, Hq, T]
+        dist = (sig != self.anchor_bits(sig, reg, inp.layer)[..., None]).sum(1)
+        return dist[:, None, :].expand(B, H, T)
 
     def select(self, inp: SelectionInput, budget: int) -> torch.Tensor:
-        R = self.representatives(budget)
-        kept = self._base.select(inp, budget - R)
+        N, R = self.split(budget)
+        kept = self._base.select(inp, N)
         if R == 0:
             return kept
         if inp.head_scores is None:
             raise ValueError("kvcrush needs per-head attention scores (run through kvshrink's attention)")
         B, H, T = inp.valid.shape
-        Hq = inp.head_scores.shape[1]
-        valid_q = inp.valid[:, :1].expand(B, Hq, T)
-        sig = head_signatures(inp.head_scores, valid_q)
-        alpha = self.anchor_bits(sig, valid_q, inp.layer)
-        dist = (sig != alpha[..., None]).sum(1)  # [B, T]
+        region = inp.valid & ~self._base.protected(inp, N)
+        dist = self.distances(inp, region)
 
         is_kept = torch.zeros_like(inp.valid).scatter_(2, kept, True)
-        evicted = inp.valid & ~is_kept
+        evicted = region & ~is_kept
         # Sort key: evicted real tokens by distance, then unkept padding, then the base's tokens.
-        key = torch.where(evicted, dist[:, None, :].expand(B, H, T), Hq + 1)
-        key = key.masked_fill(is_kept, Hq + 2)
+        nbits = inp.head_scores.shape[1]
+        key = torch.where(evicted, dist, nbits + 1)
+        key = key.masked_fill(is_kept, nbits + 2)
         order = key.argsort(dim=-1, stable=True)
         stride = (evicted.sum(-1, keepdim=True) // R).clamp(min=1)
         picks = order.gather(-1, torch.arange(R, device=order.device) * stride)

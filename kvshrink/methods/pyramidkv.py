@@ -29,8 +29,11 @@ class PyramidKV(SnapKV):
     Defaults ``window=8, kernel=7, pool=max, beta=20`` are KVCache-Factory's ``run_longbench.py``.
 
     Deviations from the reference: ``L = 1`` (no pyramid to build) keeps ``C`` tokens; ``T`` is the
-    longest real prompt of the batch (the reference runs batch 1); GQA heads are averaged before
-    pooling, as the reference's ``gqa_score_agg='mean'``.
+    longest real prompt of the batch (the reference runs batch 1); under GQA one selection per KV head
+    with the group's votes averaged before pooling (KVCache-Factory's ``kv_head`` mode,
+    ``gqa_score_agg='mean'``) by default; ``granularity=query_head`` reproduces the reference's default
+    (a selection per query head after ``repeat_kv``, ``H_q`` heads cached; see SnapKV). ``L`` and ``l``
+    count every layer; sliding-window layers are left to their window (their budget unused).
     """
 
     name = "pyramidkv"

@@ -15,24 +15,73 @@ def _expand_mask(mask: torch.Tensor, n_heads: int) -> torch.Tensor:
     return mask
 
 
+def cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logit soft-capping (Gemma-2): ``c * tanh(logits / c)``, as transformers' eager attention."""
+    if softcap is None:
+        return logits
+    return torch.tanh(logits / softcap) * softcap
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[..., q, T]`` bool: causal (``k <= q``) and, with a ``window``, ``q - k < window`` (transformers'
+    ``sliding_window_overlay``). Positions broadcast: ``q_pos`` ``[..., q]``, ``k_pos`` ``[..., T]``."""
+    d = q_pos[..., :, None] - k_pos[..., None, :]
+    m = d >= 0
+    return m if window is None else m & (d < window)
+
+
+def with_sinks(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Append gpt-oss's per-query-head sink logit (``s_aux`` ``[Hq]``) as a last column of ``[B, Hq, q, T]``."""
+    if sinks is None:
+        return logits
+    B, Hq, q, _ = logits.shape
+    return torch.cat([logits, sinks.to(logits.dtype).view(1, Hq, 1, 1).expand(B, Hq, q, 1)], dim=-1)
+
+
+def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention as transformers' eager functions compute it (logits in the model dtype, soft-capped,
+    masked, sinks appended, softmax in float32): ``[B, Hq, q, D]``. ``mask``: bool (True = attend) or
+    additive, broadcastable to ``[B, Hq, q, T]``; None: no mask."""
+    Hq, Hkv = query.shape[1], key.shape[1]
+    if Hq != Hkv:
+        key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)
+    w = cap(torch.matmul(query, key.transpose(-1, -2)) * scaling, softcap)
+    if mask is not None:
+        mask = _expand_mask(mask, Hq)
+        w = w.masked_fill(~mask, torch.finfo(w.dtype).min) if mask.dtype == torch.bool else w + mask
+    w = with_sinks(w, sinks)
+    if sinks is not None:
+        w = w - w.amax(-1, keepdim=True)
+    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        p = p[..., :-1]
+    return torch.matmul(p, value)
+
+
 def attention_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
+    softcap: float | None = None, sinks: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``query`` ``[B, Hq, q, D]`` over ``key`` ``[B, Hkv, T, D]``, summed over
-    the q queries: ``[B, Hq, T]``. Queries are the last q positions (bottom-right causal when no
-    mask is given); ``mask`` is bool (True = attend) ``[B, 1 or Hkv or Hq, q, T]``."""
+    the q queries: ``[B, Hq, T]``. Queries are the last q positions (bottom-right causal, within
+    ``window`` when given, when no mask is given); ``mask`` is bool (True = attend)
+    ``[B, 1 or Hkv or Hq, q, T]``. ``softcap`` and attention ``sinks`` enter the softmax as in the
+    model's own attention (a sink takes its share of probability but is no token)."""
     B, Hq, q, D = query.shape
     Hkv, T = key.shape[1], key.shape[2]
     k = key.repeat_interleave(Hq // Hkv, dim=1) if Hq != Hkv else key
     if mask is None:
-        pos_q = torch.arange(T - q, T, device=query.device)[:, None]
-        mask = (torch.arange(T, device=query.device)[None, :] <= pos_q)[None, None]
+        mask = window_mask(torch.arange(T - q, T, device=query.device), torch.arange(T, device=query.device),
+                           window)[None, None]
     mask = _expand_mask(mask, Hq)
     out = query.new_zeros(B, Hq, T, dtype=torch.float32)
     for s in range(0, q, _QUERY_CHUNK):
-        logits = torch.matmul(query[:, :, s : s + _QUERY_CHUNK].float(), k.float().transpose(-1, -2)) * scaling
-        logits = logits.masked_fill(~mask[..., s : s + _QUERY_CHUNK, :], float("-inf"))
-        out += torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(-2)
+        logits = cap(torch.matmul(query[:, :, s : s + _QUERY_CHUNK].float(), k.float().transpose(-1, -2)) * scaling,
+                     softcap)
+        logits = with_sinks(logits.masked_fill(~mask[..., s : s + _QUERY_CHUNK, :], float("-inf")), sinks)
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        out += (probs[..., :T] if sinks is not None else probs).sum(-2)
     return out
 
 
@@ -56,11 +105,16 @@ def pool(scores: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
 def topk_keep(scores: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Indices ``[B, H, k]`` (ascending) of the k best tokens; ``forced`` tokens always win, invalid
     (padding) tokens always lose."""
+    idx = ranked(scores, valid, forced).topk(k, dim=-1).indices
+    return idx.sort(dim=-1).values
+
+
+def ranked(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """The score ``topk_keep`` ranks by: ``+inf`` on forced tokens, ``-inf`` on padding."""
     s = scores.float().masked_fill(~valid, float("-inf"))
     if forced is not None:
         s = s.masked_fill(forced & valid, float("inf"))
-    idx = s.topk(k, dim=-1).indices
-    return idx.sort(dim=-1).values
+    return s
 
 
 def recent_mask(valid: torch.Tensor, n: int) -> torch.Tensor:

@@ -31,9 +31,21 @@ class SnapKV(BudgetSelector):
     (``ablation_c*_w32_k7_maxpool.json``); its ``init_snapkv`` fallbacks are kernel 5, avg pooling
     (``pool=avg,kernel=5``). As in the reference, average pooling counts the zero padding.
 
-    Deviations from FasterDecoding/SnapKV (``SnapKVCluster``): GQA query heads of a group are averaged
-    *before* pooling (KVCache-Factory's ``gqa_score_agg='mean'``; the reference is MHA-only); left
-    padding gets no vote and is never kept ahead of a real token.
+    Granularity under GQA (``granularity=``):
+
+    - ``kv_head`` (default): one selection per KV head, its query heads' votes averaged *before*
+      pooling (KVCache-Factory's ``kv_head`` mode with ``gqa_score_agg='mean'``). The cache keeps
+      ``H_kv`` heads: what saves memory on GQA models.
+    - ``query_head``: the reference's choice. FasterDecoding/SnapKV's Llama/Mistral hijacks call
+      ``repeat_kv`` before ``SnapKVCluster.update_kv`` and keep one selection per *query* head, and
+      KVCache-Factory's default granularity is ``query_head``: keys and values are repeated to ``H_q``
+      heads and each query head votes alone, so the cache holds ``H_q`` heads (``H_q / H_kv`` times the
+      memory of ``kv_head``, which ``cache_bytes`` and the engine's pool report). In the engine every
+      layer (sliding ones too) is stored with ``H_q`` heads; the HF path repeats only the layers it
+      selects on.
+
+    Other deviations from the reference: left padding gets no vote and is never kept ahead of a real
+    token. Sliding-window layers are left to their window (``Selector.on_sliding``).
     """
 
     name = "snapkv"
@@ -41,8 +53,11 @@ class SnapKV(BudgetSelector):
     window: int = 32
     kernel: int = 7
     pool: str = "max"
+    granularity: str = "kv_head"
 
     def __post_init__(self) -> None:
+        check(self.granularity in ("kv_head", "query_head"),
+              f"{self.name}: granularity must be one of kv_head, query_head; got {self.granularity!r}")
         check(self.window >= 1, f"{self.name}: window must be >= 1, got {self.window}")
         check(self.kernel >= 1, f"{self.name}: kernel must be >= 1, got {self.kernel}")
         check(self.pool in ("max", "avg"), f"{self.name}: pool must be one of max, avg; got {self.pool!r}")
@@ -57,6 +72,9 @@ class SnapKV(BudgetSelector):
     def observed_queries(self, length: int) -> int:
         return min(self.window, length)
 
+    def stored_heads(self, kv_heads: int, query_heads: int) -> int:
+        return query_heads if self.granularity == "query_head" else kv_heads
+
     def min_budget(self) -> int:
         return self.window + 1
 
@@ -69,6 +87,10 @@ class SnapKV(BudgetSelector):
         w = min(self.window, inp.length)
         prefix = pool(inp.scores[..., : inp.length - w], self.kernel, self.pool)
         return torch.cat([prefix, prefix.new_full((*prefix.shape[:-1], w), float("inf"))], dim=-1)
+
+    def protected(self, inp: SelectionInput, budget: int) -> torch.Tensor:
+        """``[B, H_kv, T]`` the tokens this rule always keeps: the observation window."""
+        return recent_mask(inp.valid, min(self.window, inp.length)) & inp.valid
 
     def select(self, inp: SelectionInput, budget: int) -> torch.Tensor:
         w = min(self.window, inp.length)

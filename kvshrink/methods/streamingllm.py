@@ -8,7 +8,7 @@ import torch
 
 from kvshrink.methods.base import BudgetSelector, SelectionInput, check
 from kvshrink.methods.registry import register
-from kvshrink.methods.scoring import first_valid_mask, topk_keep
+from kvshrink.methods.scoring import first_valid_mask, ranked, topk_keep
 
 
 @register
@@ -29,7 +29,12 @@ class StreamingLLM(BudgetSelector):
     *real* tokens of each row, skipping left padding (the reference runs batch 1, unpadded); a row
     with fewer than ``N`` real tokens keeps padding only after every real token (padding is masked out
     of attention). Positions are not re-assigned inside the cache (the reference's "rolling RoPE"):
-    kept tokens keep their original RoPE positions, as in KVCache-Factory and kvpress.
+    kept tokens keep their original RoPE positions, as in KVCache-Factory and kvpress. On a codec that
+    groups tokens (KIVI's keys, GEAR) a cut keeps whole groups (the sinks' group first), so the cache
+    may hold up to ``group - 1`` tokens fewer than ``N``; kept tokens are never re-quantised.
+
+    Sliding-window layers are left to their window (a window is already a recent window; their
+    attention has no sinks to keep beyond it); ``N`` applies to the full-attention layers.
     """
 
     name = "streamingllm"
@@ -54,3 +59,7 @@ class StreamingLLM(BudgetSelector):
         # Recency as the score: the most recent real tokens fill what the sinks leave of the budget.
         pos = torch.arange(inp.length, device=inp.valid.device, dtype=torch.float32).expand(inp.valid.shape)
         return topk_keep(pos, budget, inp.valid, forced=first_valid_mask(inp.valid, self.sinks))
+
+    def priority(self, inp: SelectionInput, budget: int) -> torch.Tensor:
+        pos = torch.arange(inp.length, device=inp.valid.device, dtype=torch.float32).expand(inp.valid.shape)
+        return ranked(pos, inp.valid, forced=first_valid_mask(inp.valid, self.sinks))

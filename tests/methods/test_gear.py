@@ -154,8 +154,70 @@ def test_generate(model, spec, sample):
         ("gear:buffer=0", "buffer must be in"),
         ("gear:loop=0", "loop must be >= 1"),
         ("gear:sparsity=0.1", "unknown parameter 'sparsity'"),
+        ("gear:value_group=channel", "value_group must be one of head, token"),
+        ("gear:outliers=all", "outliers must be one of fraction, reference"),
+        ("gear:prefill_rank=-2", "prefill_rank must be >= 0"),
     ],
 )
 def test_bad_specs(spec, message):
     with pytest.raises(SpecError, match=message):
         parse(spec)
+
+
+def test_reference_value_groups_span_every_head_of_a_token():
+    """value_group=token: one scale/zero and one outlier set per token over all H*D entries."""
+    c = GEAR(bits=2, rank=0, outlier=0.0, buffer=T, value_group="token")
+    enc = c.value_encoder()
+    x = _x()
+    p = enc.encode(x)
+    assert p["scale"].shape == (B, 1, T, 1)
+    v = enc.decode(p, torch.float32)
+    flat = lambda t: t.permute(0, 2, 1, 3).reshape(B, 1, T, H * D)  # noqa: E731
+    assert_within_bound(flat(x), flat(v), 2, dim=-1)
+    c = GEAR(bits=4, rank=2, outlier=0.1, buffer=T, value_group="token", outliers="reference")
+    st = CodecState(c)
+    st.append(torch.randn(B, H, 3 * T, D), torch.randn(B, H, 3 * T, D))
+    key, value = (e.bytes_per_token(D, 4, H) for e in (c.key_encoder(), c.value_encoder()))
+    assert payload_bytes(st.v.chunks[0]) == value * B * H * 3 * T
+    assert payload_bytes(st.k.chunks[0]) == key * B * H * 3 * T
+    assert c.bytes_per_token(2, H, D, 4) == (key + value) * 2 * H
+    with pytest.raises(NotImplementedError, match="depend on the number of KV heads"):
+        c.value_encoder().bytes_per_token(D, 4)
+
+
+def test_reference_outlier_count_per_key_channel():
+    """outliers=reference: int(H*D*s/2) per side of every key channel (here 3*32*0.05/2 = 2 per side,
+    on a 16-token chunk), and of every value token over its head dim."""
+    c = GEAR(bits=4, rank=0, outlier=0.05, buffer=T, outliers="reference")
+    pk, pv = c.key_encoder().encode(_x()), c.value_encoder().encode(_x())
+    assert pk["ov"].shape == (B, H, 1, 2 * 2, D)
+    assert pv["ov"].shape == (B, H, T, 2 * 2)
+    wide = GEAR(bits=4, rank=0, outlier=0.5, buffer=T, outliers="reference").key_encoder().encode(_x())
+    assert wide["ov"].shape[3] == T  # capped at half the chunk per side
+
+
+def test_prefill_rank_compresses_the_prompt_as_one_matrix():
+    """prefill_rank: the prompt's first L - L % buffer tokens are one group of that rank; later gaps
+    use rank. HF path only; refused by the engine and by rolling selectors."""
+    from kvshrink.engine import Engine
+    from kvshrink.methods.base import check_cut
+    from tests.conftest import tiny_model
+
+    c = parse("gear:prefill_rank=4,rank=2,buffer=8").codec
+    st = CodecState(c)
+    x = _x(T=45)
+    st.append(x, x)
+    assert st.k.n_encoded == 40 and st.k.chunks[0]["u"].shape[-1] == 4 and st.k.chunks[0]["v"].shape[2] == 1
+    assert st.k.chunks[0]["scale"].shape[2] == 1  # one key scale row per channel for the whole prompt
+    for _ in range(3):
+        st.append(_x(T=1), _x(T=1))
+    assert st.k.n_encoded == 48 and st.k.chunks[1]["u"].shape[-1] == 2
+    k, _ = st.get()
+    assert k.shape == (B, H, 48, D) and (k[..., :40, :] - x[..., :40, :]).abs().mean() < 0.2
+    out, cache = generate_with(tiny_model("llama"), "gear:prefill_rank=4,rank=2,buffer=8,value_group=token", False)
+    assert all(torch.isfinite(x).all() for x in out.logits)
+    with pytest.raises(SpecError, match="HF path only"):
+        Engine(tiny_model("llama"), method="gear:prefill_rank=4", kv_memory="1MiB")
+    for spec in ("gear:prefill_rank=4", "gear:value_group=token"):
+        with pytest.raises(SpecError, match="per-head, fixed-size"):
+            check_cut(parse(spec).codec)

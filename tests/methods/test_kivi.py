@@ -131,9 +131,12 @@ def test_generate(model, spec, sample):
     "spec", ["streamingllm:budget=24+kivi:bits=4", "streamingllm:budget=24+kivi:group=4,residual=8"]
 )
 def test_with_streamingllm(model, spec):
+    """A cut keeps KIVI's grouped keys in whole groups (code-domain eviction): the cache holds the
+    budget, or up to group - 1 tokens less."""
     out, cache = _generate(model, spec, sample=False)
     assert out.sequences.shape == (3, 46)
-    assert all(len(layer.state) == 24 for layer in cache.layers)
+    group = parse(spec).codec.group
+    assert all(24 - group < len(layer.state) <= 24 for layer in cache.layers)
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,15 @@ from kvshrink.methods.kvcrush import KVCrush, head_signatures
 HEAD = torch.tensor([[[8.0, 7, 6, 5, 4, 3, 2, 1], [1, 8, 2, 7, 3, 6, 4, 5]]])
 
 
-def inp(head=HEAD, valid=None):
-    valid = torch.ones(1, 1, head.shape[-1], dtype=torch.bool) if valid is None else valid
+def inp(head=HEAD, valid=None, kv_heads=1):
+    T = head.shape[-1]
+    valid = torch.ones(1, kv_heads, T, dtype=torch.bool) if valid is None else valid
     return SelectionInput(
-        length=head.shape[-1],
+        length=T,
         layer=0,
         num_layers=1,
         valid=valid,
-        scores=head.mean(1, keepdim=True),
+        scores=head.view(1, kv_heads, -1, T).mean(2),
         head_scores=head,
     )
 
@@ -33,20 +34,62 @@ def test_signatures():
 @pytest.mark.parametrize(
     "anchor, expected",
     [
-        # base H2O keeps 2 of 4: recent {7} + heavy {1} (group-mean score 7.5); evicted {0,2,3,4,5,6}
-        # zeros: d = 0:1 2:1 3:2 4:0 5:1 6:0 -> sorted 4 6 0 2 5 3; stride 6//2=3 -> picks 4, 2
+        # base H2O keeps 2 of 4: recent {7} + heavy {1} (group-mean score 7.5). The top half is ranked
+        # over the evictable region {0..6} (7 tokens, top 3), as kvcrush.cpp does:
+        #   head 0 -> {0,1,2}, head 1 -> {1,3,5}; signatures 0:(1,0) 2:(1,0) 3:(0,1) 4:(0,0) 5:(0,1) 6:(0,0)
+        # evicted {0,2,3,4,5,6}; stride 6 // 2 = 3
+        # zeros: d = 0:1 2:1 3:1 4:0 5:1 6:0 -> sorted 4 6 0 2 3 5 -> picks 4, 2
         ("zeros", [1, 2, 4, 7]),
-        # ones: d = 0:1 2:1 3:0 4:2 5:1 6:2 -> sorted 3 0 2 5 4 6 -> picks 3, 5
-        ("ones", [1, 3, 5, 7]),
-        # alternate (0,1): d = 0:2 2:2 3:1 4:1 5:0 6:1 -> sorted 5 3 4 6 0 2 -> picks 5, 6
-        ("alternate", [1, 5, 6, 7]),
-        # mean: each head's bits are half ones -> majority 0 -> same as zeros
+        # ones: d = 0:1 2:1 3:1 4:2 5:1 6:2 -> sorted 0 2 3 5 4 6 -> picks 0, 5
+        ("ones", [0, 1, 5, 7]),
+        # alternate (0,1): d = 0:2 2:2 3:0 4:1 5:0 6:1 -> sorted 3 5 4 6 0 2 -> picks 3, 6
+        ("alternate", [1, 3, 6, 7]),
+        # mean: 3 of 7 evictable tokens set per head -> majority 0 -> same as zeros
         ("mean", [1, 2, 4, 7]),
     ],
 )
 def test_representatives_hand_checked(anchor, expected):
     k = KVCrush(base="h2o", share=0.5, anchor=anchor, budget_tokens=4)
     assert k.select(inp(), 4).tolist() == [[expected]]
+
+
+def test_signatures_per_kv_head_when_columns_differ():
+    """Two KV heads (two query heads each) whose column j holds different tokens, as after an H2O
+    eviction: each KV head's signatures come from its own query group. KV head 0 sees the pattern
+    above; KV head 1 sees it reversed. Summing bits over all four query heads per column (the old
+    rule) mixes the two and picks other representatives."""
+    head = torch.cat([HEAD, HEAD.flip(-1)], dim=1)  # [1, 4, 8]
+    k = KVCrush(base="h2o", share=0.5, anchor="zeros", budget_tokens=4)
+    got = k.select(inp(head, kv_heads=2), 4)[0].tolist()
+    # KV head 0: as in the hand-checked case. KV head 1, query heads [1 2 3 4 5 6 7 8], [5 4 6 3 7 2 8 1]:
+    # recent {7}, heavy by group mean (3,3,4,5,6,4,7.5 over 0..6) -> {6}; over {0..6} top 3:
+    # head 2 -> {4,5,6}, head 3 -> {2,4,6}; evicted {0,1,2,3,4,5}: signatures 0:(0,0) 1:(0,0) 2:(0,1)
+    # 3:(0,0) 4:(1,1) 5:(1,0) -> zeros d = 0 0 1 0 2 1 -> sorted 0 1 3 2 5 4 -> stride 3 -> picks 0, 2
+    assert got == [[1, 2, 4, 7], [0, 2, 6, 7]]
+    old = KVCrush(base="h2o", share=0.5, anchor="zeros", budget_tokens=4, signature="group")
+    assert old.select(inp(head, kv_heads=2), 4)[0].tolist() == got  # auto = group for an H2O base
+    # The old rule: bits over all four query heads per column, top half over every real token.
+    sig_all = head_signatures(head, torch.ones(1, 4, 8, dtype=torch.bool))
+    d_old = sig_all.sum(1)[0]  # zeros anchor: distance = bits set
+    base = parse("h2o:budget=2").selector.select(inp(head, kv_heads=2), 2)[0]
+    old_picks = []
+    for h in range(2):
+        evicted = [j for j in range(8) if j not in base[h].tolist()]
+        order = sorted(evicted, key=lambda j: (int(d_old[j]), j))
+        old_picks.append(sorted(base[h].tolist() + order[:: len(evicted) // 2][:2]))
+    assert old_picks != got
+
+
+def test_additive_puts_representatives_on_top():
+    carved = KVCrush(base="h2o", share=0.5, budget_tokens=4)
+    added = KVCrush(base="h2o", share=0.5, budget_tokens=4, additive=True)
+    assert carved.budget(100, 0, 1) == 4 and added.budget(100, 0, 1) == 6
+    assert carved.split(4) == (2, 2) and added.split(6) == (4, 2)
+    assert added.decode_hold(100, 0, 1) == 6 and added.decode_hold(3, 0, 1) == 6
+    idx = added.select(inp(), 6)[0, 0].tolist()
+    base = parse("h2o:budget=4").selector.select(inp(), 4)[0, 0].tolist()
+    assert len(set(idx)) == 6 and set(base) <= set(idx)
+    assert parse("kvcrush:ratio=0.5,additive=true").selector.budget(100, 0, 1) == 62  # 50 + 12
 
 
 def test_mean_anchor_is_majority():
@@ -98,3 +141,5 @@ def test_flags_and_specs():
         parse("kvcrush:budget=48,share=1.5")
     with pytest.raises(SpecError, match="anchor must be one of"):
         parse("kvcrush:budget=48,anchor=middle")
+    with pytest.raises(SpecError, match="signature=layer needs a token order shared"):
+        parse("kvcrush:base=h2o,budget=48,signature=layer")

@@ -65,3 +65,42 @@ def test_defaults_and_specs():
         parse("snapkv:budget=64,pool=mean")
     with pytest.raises(SpecError, match="kernel must be"):
         parse("snapkv:budget=64,kernel=0")
+
+
+def test_query_head_granularity_selects_per_query_head_and_stores_them():
+    """granularity=query_head (the reference's repeat_kv-then-select): one selection per query head,
+    H_q heads cached (twice the memory of kv_head on 4 query / 2 KV heads), in both paths."""
+    from kvshrink.cache import KVShrinkCache, cache_argument, cache_bytes, compress
+    from kvshrink.engine import Engine, SamplingParams
+    from tests.conftest import batch, tiny_model
+    from tests.engine.test_engine import agree_until_tie, prompts
+
+    model = tiny_model("llama")
+    ids, mask = batch((40, 25, 33))
+    caches = {}
+    for g in ("kv_head", "query_head"):
+        spec = f"snapkv:budget=24,window=8,granularity={g}"
+        with compress(model, spec):
+            cache = KVShrinkCache.for_model(model, spec)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, do_sample=False,
+                           **{cache_argument(model): cache})
+        caches[g] = cache
+    q = caches["query_head"]
+    assert q.layers[0].state.get()[0].shape[1] == 4 and caches["kv_head"].layers[0].state.get()[0].shape[1] == 2
+    assert cache_bytes(q) == 2 * cache_bytes(caches["kv_head"])
+    # the two query heads of a KV group choose their own tokens (they differ somewhere on random weights)
+    pos = q.layers[0].pos
+    assert not torch.equal(pos[:, 0::2], pos[:, 1::2])
+    # the reference's rule per query head: the query head's own window votes, pooled, top-k + window
+    sel = parse("snapkv:budget=24,window=8,granularity=query_head").selector
+    head = torch.rand(1, 4, 40, generator=torch.Generator().manual_seed(0))
+    one = SelectionInput(length=40, layer=0, num_layers=1, valid=torch.ones(1, 4, 40, dtype=torch.bool),
+                         scores=head, head_scores=head)
+    assert torch.equal(sel.select(one, 24), parse("snapkv:budget=24,window=8").selector.select(one, 24))
+    spec = "snapkv:budget=24,window=8,granularity=query_head"
+    eng = Engine(model, method=spec, kv_memory="8MiB", block_size=8)
+    assert eng.store.H == 4
+    ps = prompts((40, 19, 75))
+    for p, r in zip(ps, eng.generate(ps, SamplingParams(max_tokens=12))):
+        agree_until_tie(model, p, r["token_ids"], 12, spec=spec)
+    assert eng.stats().blocks_used == 0
