@@ -109,22 +109,29 @@ class LaunchedServer:
 
     def __init__(self, model, method, kv_memory, log_path, startup_timeout=300.0, device=None, dtype=None,
                  max_waiting=100000, grace=10.0):
+        def command(port: int) -> list[str]:
+            cmd = [sys.executable, "-m", "kvshrink.cli", "serve", "--model", model, "--method", method,
+                   "--kv-memory", str(kv_memory), "--host", "127.0.0.1", "--port", str(port),
+                   "--max-waiting", str(max_waiting), "--grace", str(grace), "--served-model-name", model]
+            if device:
+                cmd += ["--device", device]
+            if dtype:
+                cmd += ["--dtype", dtype]
+            return cmd
+
+        self._setup(method, command, log_path, startup_timeout, grace)
+
+    def _setup(self, label: str, command: Callable[[int], list[str]], log_path, startup_timeout: float,
+               grace: float, popen_kw: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.method = method
+        self.method = label
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
         self.grace = grace
-        cmd = [sys.executable, "-m", "kvshrink.cli", "serve", "--model", model, "--method", method,
-               "--kv-memory", str(kv_memory), "--host", "127.0.0.1", "--port", str(self.port),
-               "--max-waiting", str(max_waiting), "--grace", str(grace), "--served-model-name", model]
-        if device:
-            cmd += ["--device", device]
-        if dtype:
-            cmd += ["--dtype", dtype]
-        self.cmd = cmd
+        self.cmd = command(self.port)
         self.proc: subprocess.Popen | None = None
-        self.popen_kw: dict = {}
+        self.popen_kw: dict = popen_kw or {}
 
     def __enter__(self):
         import httpx
@@ -232,15 +239,7 @@ class ExternalServer(LaunchedServer):
 
     def __init__(self, label: str, command: Callable[[int], list[str]], log_path, startup_timeout: float = 300.0,
                  grace: float = 30.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.method = label
-        self.log_path = Path(log_path)
-        self.startup_timeout = startup_timeout
-        self.grace = grace
-        self.cmd = command(self.port)
-        self.proc = None
-        self.popen_kw = {"start_new_session": True}
+        self._setup(label, command, log_path, startup_timeout, grace, {"start_new_session": True})
 
     def stop(self) -> int | None:
         p = self.proc

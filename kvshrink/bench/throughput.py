@@ -59,10 +59,15 @@ def _requests(n: int, prompt: int, output: int, vocab: int, seed: int = 0) -> li
     return out
 
 
-def _fp_token_bytes(model) -> int:
-    c = model.config
+def fp_config_token_bytes(config, dtype_bytes: int) -> int:
+    """Bytes one token takes in an uncompressed cache of every layer (keys and values)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * d * next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * d * dtype_bytes
+
+
+def _fp_token_bytes(model) -> int:
+    return fp_config_token_bytes(model.config, next(model.parameters()).element_size())
 
 
 def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 32, max_batch: int = 256,

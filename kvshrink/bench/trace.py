@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvshrink.engine import Engine, SamplingParams
@@ -44,14 +45,8 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
 
 
 def percentile(xs, p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """Linear-interpolation percentile (numpy's default, as ``bench.metrics``); None when empty."""
+    return float(np.percentile(xs, p)) if len(xs) else None
 
 
 def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int | str, seed: int = 0) -> dict:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from kvshrink.bench.throughput import _fp_token_bytes
 from kvshrink.engine import Engine, SamplingParams
 from kvshrink.engine.timers import reset_timers, timers
 
@@ -71,10 +72,3 @@ def measure(model, method: str, prefill_sizes: Sequence[int], decode_grid: Seque
         bar.update()
     bar.close()
     return points
-
-
-def _fp_token_bytes(model) -> int:
-    c = model.config.get_text_config()
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    esize = next(model.parameters()).element_size()
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * d * esize

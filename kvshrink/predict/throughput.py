@@ -125,9 +125,9 @@ def _with_rate(wl: str, vocab: int) -> list[SimRequest]:
 
 def _four_sequences(cfg, reqs: list[SimRequest], dtype_bytes: int = 4) -> int:
     """The bench's default pool: four uncompressed sequences at the workload's mean final length."""
-    c = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * d * dtype_bytes
+    from kvshrink.bench.throughput import fp_config_token_bytes
+
+    per_token = fp_config_token_bytes(cfg, dtype_bytes)
     mean = sum(r.prompt_tokens + r.output_tokens for r in reqs) / len(reqs)
     return int(4 * mean * per_token)
 
