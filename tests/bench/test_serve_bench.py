@@ -50,9 +50,10 @@ def test_bench_serve_writes_every_field(server, tmp_path):
     assert {"send_time_s", "ttft_ms", "itl_ms", "e2el_ms", "prompt_tokens", "output_tokens", "error"} <= set(rows[0])
     for row in rows:
         # ITL is timed per SSE chunk, as vLLM's bench does: the server may coalesce tokens that
-        # arrive together or hold back text that is not yet printable, so 5 tokens give 1..4 gaps.
+        # arrive together (on a loaded machine all 5 in one chunk) or hold back text that is not yet
+        # printable, so 5 tokens give 0..4 gaps.
         itl = json.loads(row["itl_ms"])
-        assert 1 <= len(itl) <= 4
+        assert 0 <= len(itl) <= 4
         assert float(row["ttft_ms"]) + sum(itl) <= float(row["e2el_ms"]) + 1e-3
     assert (tmp_path / "run" / "latency_cdf.png").stat().st_size > 0
     assert (tmp_path / "run" / "vs_rate.png").stat().st_size > 0
