@@ -123,6 +123,9 @@ def _add_bench_throughput(bsub) -> None:
                    help="serving mode: decode-heavy or long-prompt, optionally sized NAME=REQUESTSxPROMPTxOUTPUT "
                         "(repeatable; default both, 16x512x256 and 6x2048x128: ~10 min with the default methods)")
     p.add_argument("--compare-hf", action="store_true", help="also run plain HF generate one request at a time")
+    p.add_argument("--reference-kv-memory", default=None,
+                   help="also run full under a pool of this size (e.g. 4GiB: room for every request), the limit a "
+                        "compressed method in the small pool can approach; rows get ratio_to_reference")
     p.add_argument("--trace", default=None, help="JSONL trace ({prompt_tokens, output_tokens, arrival_s}) instead of "
                                                    "workloads: the file `predict throughput --workload trace:FILE` takes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")

@@ -10,7 +10,10 @@ Modes
 
 Every run is a row of kvshrink.results' format (records.jsonl, summary.json with ``runs``, summary.csv);
 ratios are to ``full`` measured in the same invocation. ``--compare-hf`` adds plain HF ``generate``, one
-request at a time, on a subset of the same requests.
+request at a time, on a subset of the same requests. ``--reference-kv-memory BYTES`` (serving and trace
+modes) adds ``full`` under a pool of that size (``full@BYTES``), normally one that holds every request
+at once: a compressed method under the small pool does the same model work with more concurrency, so
+that reference is the limit it can approach; each row's ``ratio_to_reference`` is measured against it.
 """
 
 from __future__ import annotations
@@ -163,6 +166,25 @@ def decode_step_ms(model, method: str, batch: int, context: int, steps: int, voc
 HF_METHOD = "hf-generate (one at a time)"
 
 
+def reference_label(kv_memory: str) -> str:
+    """The row name of ``full`` under the reference pool."""
+    return f"full@{kv_memory}"
+
+
+def _with_reference(units: list[dict], reference_kv: str | None) -> list[dict]:
+    """After each workload's units, ``full`` once more under the reference pool."""
+    if not reference_kv:
+        return units
+    out: list[dict] = []
+    for i, u in enumerate(units):
+        out.append(u)
+        if i + 1 < len(units) and units[i + 1]["workload"] == u["workload"]:
+            continue
+        first = next(x for x in units if x["workload"] == u["workload"] and x["kind"] in ("serving", "trace"))
+        out.append({**first, "method": reference_label(reference_kv), "spec": "full", "kv_memory": reference_kv})
+    return out
+
+
 def plan(a) -> tuple[dict, list[dict]]:
     """The run's configuration and its units in run order: one (method, workload) measurement each, as
     plain data, so that a unit can run anywhere (``kvshrink.sweep``); what depends on the model (vocab,
@@ -199,11 +221,17 @@ def plan(a) -> tuple[dict, list[dict]]:
         B, C, S = (8, 512, 8) if a.quick else (16, 1024, 16)
         units += [{"kind": "step", "method": m, "workload": f"step-b{B}-c{C}", "batch": B, "context": C, "steps": S}
                   for m in methods]
-    return config, units
+    reference = getattr(a, "reference_kv_memory", None)
+    if reference and not (a.mode == "serving" or getattr(a, "trace", None)):
+        raise SystemExit("--reference-kv-memory applies to serving and trace runs (a pool that admits requests)")
+    config["reference_kv_memory"] = reference
+    return config, _with_reference(units, reference)
 
 
 def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool = False) -> dict:
-    """One unit of ``plan``: its row."""
+    """One unit of ``plan``: its row. A unit's own ``kv_memory`` (the reference pool) wins over the run's."""
+    kv_memory = u.get("kv_memory", kv_memory)
+    spec = u.get("spec", u["method"])
     vocab = min(model.config.vocab_size, 32000)
     fpt = _fp_token_bytes(model)
     if u["kind"] in ("serving", "hf"):
@@ -219,8 +247,8 @@ def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool =
         kv = parse_bytes(kv_memory) if kv_memory else int(4 * (u["prompt"] + u["output"]) * fpt * 1.05)
         with tqdm(total=sum(o for _, o in reqs), desc=f"{u['workload']} {u['method']}", unit="tok", leave=False,
                   disable=not progress) as bar:
-            row = run_engine(model, tok, u["method"], reqs, kv, progress=bar)
-        row.update(workload=u["workload"], kv_memory=kv)
+            row = run_engine(model, tok, spec, reqs, kv, progress=bar)
+        row.update(method=u["method"], workload=u["workload"], kv_memory=kv)
         return row
     if u["kind"] == "trace":
         from kvshrink.bench.trace import load_trace, run_trace
@@ -229,8 +257,8 @@ def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool =
         reqs = load_trace(u["path"])
         mean = sum(r.prompt_tokens + r.output_tokens for r in reqs) / len(reqs)
         kv = parse_bytes(kv_memory) if kv_memory else int(4 * mean * fpt * 1.05)
-        row = run_trace(model, u["method"], reqs, kv)
-        row.update(workload=u["workload"], kv_memory=kv, tokens_per_s=row["output_tokens_per_s"])
+        row = run_trace(model, spec, reqs, kv)
+        row.update(method=u["method"], workload=u["workload"], kv_memory=kv, tokens_per_s=row["output_tokens_per_s"])
         return row
     if u["kind"] == "point":
         b, ctx, n_out = u["batch"], u["context"], u["output"]
@@ -285,6 +313,10 @@ def finish(out, config: dict, runs: list[dict], mode: str, node_of: dict | None 
                 row["decode_ratio_to_full"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         else:
             row["ratio_to_full"] = None
+        ref = next((r for r in runs if r["method"] == reference_label(str(config.get("reference_kv_memory")))
+                    and r.get("workload") == row.get("workload") and same_node(r, row)), None)
+        if ref and row.get("tokens_per_s") and ref.get("tokens_per_s"):
+            row["ratio_to_reference"] = row["tokens_per_s"] / ref["tokens_per_s"]
     for row in runs:
         for k in ("tokens_per_s", "decode_tokens_per_s", "peak_concurrency", "peak_kv_bytes"):
             row.setdefault(k, None)
@@ -308,14 +340,15 @@ def _print_table(runs: list[dict], mode: str) -> None:
             print(f"{r['method']:28s} {r['workload']:18s} {r['step_ms']:8.1f} {r['ratio_to_full'] or 0:6.2f}")
         return
     print(f"{'workload':16s} {'method':28s} {'tok/s':>7s} {'dec tok/s':>9s} {'pre tok/s':>9s} {'conc':>4s} "
-          f"{'peakKV MB':>9s} {'compr':>5s} {'preempt':>7s} {'x full':>6s}")
+          f"{'peakKV MB':>9s} {'compr':>5s} {'preempt':>7s} {'x full':>6s} {'x ref':>6s}")
     for r in runs:
         def f(x, fmt):
             return format(x, fmt) if isinstance(x, (int, float)) else "-"
         print(f"{r.get('workload', ''):16s} {r['method']:28s} {f(r['tokens_per_s'], '7.1f')} "
               f"{f(r.get('decode_tokens_per_s'), '9.1f')} {f(r.get('prefill_tokens_per_s'), '9.0f')} "
               f"{f(r.get('peak_concurrency'), '4d')} {f((r.get('peak_kv_bytes') or 0) / 1e6, '9.1f')} "
-              f"{f(r.get('compression'), '5.2f')} {f(r.get('preemptions'), '7d')} {f(r.get('ratio_to_full'), '6.2f')}")
+              f"{f(r.get('compression'), '5.2f')} {f(r.get('preemptions'), '7d')} {f(r.get('ratio_to_full'), '6.2f')} "
+              f"{f(r.get('ratio_to_reference'), '6.2f')}")
 
 
 __all__ = ["decode_step_ms", "finish", "parse_workloads", "plan", "run_engine", "run_hf", "run_throughput",

@@ -66,3 +66,20 @@ def test_sweeps(tiny, tmp_path, mode, axis, points):
     assert [(r[axis], r["method"]) for r in runs] == [(x, m) for x in points for m in ("full", "kivi:bits=2")]
     assert all(r["preemptions"] == 0 and r["peak_concurrency"] == r["batch"] for r in runs)
     assert list(tmp_path.glob("*.png"))
+
+
+def test_reference_pool_runs_full_unbounded_and_gives_each_row_its_ratio(tiny, tmp_path):
+    rc = cli.main(["bench", "throughput", "--method", "streamingllm:budget=16", "--workload", "decode-heavy=6x40x12",
+                   "--kv-memory", "80KiB", "--reference-kv-memory", "4MiB", "--out", str(tmp_path)])
+    assert rc == 0
+    runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["full", "streamingllm:budget=16", "full@4MiB"]
+    full, small, ref = runs
+    assert ref["kv_bytes_total"] > full["kv_bytes_total"] == small["kv_bytes_total"]
+    assert ref["peak_concurrency"] == 6 > full["peak_concurrency"]  # room for every request at once
+    assert ref["output_tokens"] == full["output_tokens"]  # the same requests, to the same lengths
+    assert ref["ratio_to_reference"] == 1.0
+    assert full["ratio_to_reference"] == full["tokens_per_s"] / ref["tokens_per_s"]
+    assert ref["ratio_to_full"] == ref["tokens_per_s"] / full["tokens_per_s"]
+    with pytest.raises(SystemExit, match="serving and trace"):
+        cli.main(["bench", "throughput", "--mode", "step", "--reference-kv-memory", "4MiB", "--out", str(tmp_path)])
