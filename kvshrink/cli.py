@@ -111,6 +111,14 @@ def _add_bench(sub) -> None:
     _add_bench_serve(bsub)
 
 
+def _engine_prefill_args(p) -> None:
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens prefilled per engine step, over all prompts (default 4096)")
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill each prompt whole in its own forward instead of in chunks packed with the "
+                        "decode tokens into one forward per step")
+
+
 def _add_bench_throughput(bsub) -> None:
     p = bsub.add_parser("throughput", help="engine throughput per method (serving, fixed batch/length, step)")
     _model_args(p)
@@ -129,6 +137,7 @@ def _add_bench_throughput(bsub) -> None:
     p.add_argument("--trace", default=None, help="JSONL trace ({prompt_tokens, output_tokens, arrival_s}) instead of "
                                                    "workloads: the file `predict throughput --workload trace:FILE` takes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")
+    _engine_prefill_args(p)
     _ray_args(p, "(method, workload)", timing=True)
 
     def run(a):
@@ -192,6 +201,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=None)
+    _engine_prefill_args(p)
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get after SIGTERM")
 
     def run(a):
@@ -229,8 +239,12 @@ def _add_profile(sub) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict serving from a profile (no model run)")
     psub = p.add_subparsers(dest="predict_command", required=True)
-    t = psub.add_parser("throughput", help="simulate the engine's scheduler and pool against a profile")
-    t.add_argument("--profile", required=True)
+    t = psub.add_parser("throughput", help="simulate the engine's scheduler and pool against a profile "
+                                          "(or roofline costs: --config C --hardware H)")
+    t.add_argument("--profile", default=None, help="measured step costs (`kvshrink profile`)")
+    t.add_argument("--config", default=None,
+                   help="instead of --profile: a model config (config.json, model dir, shipped name) for the roofline")
+    _hardware_args(t, required=False)
     t.add_argument("--method", action="append", help="method spec in the profile (repeat; default: all)")
     t.add_argument("--workload", required=True,
                    help="NAME[=NxPxO] as bench throughput takes it (decode-heavy, long-prompt), or trace:FILE (JSONL)")
@@ -243,6 +257,13 @@ def _add_predict(sub) -> None:
 
         from kvshrink.predict.throughput import load_profile, predict, workload_requests
 
+        if not a.profile:
+            from kvshrink.predict.commands import run_throughput_roofline
+
+            return run_throughput_roofline(a)
+        if a.config or a.hardware or a.hardware_spec:
+            raise ValueError("predict throughput: --profile (measured costs) or --config with --hardware "
+                             "(roofline costs), not both")
         cfg, models = load_profile(a.profile)
         reqs = workload_requests(a.workload, cfg.get_text_config().vocab_size)
         for m in a.method or list(models):
@@ -264,26 +285,16 @@ def _add_predict(sub) -> None:
                    help="NAME=NxPxO[@rate=R] (repeat; default: three shapes, one with Poisson arrivals)")
     v.add_argument("--kv-memory", default=None, help="default: four uncompressed sequences of the workload")
     v.add_argument("--out", default="runs/predict-validate")
-    v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (the launched servers' too)")
+    v.add_argument("--serve-rates", default="0.5,inf",
+                   help="request rates of the sweep through `kvshrink serve` (comma list, inf; 'none': no sweep)")
+    v.add_argument("--serve-workload", default="8x320x48", metavar="NxPxO",
+                   help="the sweep's random prompts: requests x prompt tokens x output tokens")
 
     def run_validate(a):
-        import torch
+        from kvshrink.predict.commands import run_validate
 
-        from kvshrink.models import load_model
-        from kvshrink.predict.throughput import validate
-
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        model, _ = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
-        rows = validate(model, a.profile, a.method, a.workload, a.kv_memory, a.out)
-        keys = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50")
-        print("| method | workload | " + " | ".join(f"{k} measured / predicted (error)" for k in keys) + " |")
-        print("|---|---|" + "---|" * len(keys))
-        for r in rows:
-            cells = [f"{r[k + '_measured']:.1f} / {r[k + '_predicted']:.1f} ({r.get(k + '_error', 0) * 100:+.1f}%)"
-                     for k in keys]
-            print(f"| {r['method']} | {r['workload']} | " + " | ".join(cells) + " |")
-        return 0
+        return run_validate(a)
 
     v.set_defaults(func=run_validate)
     _add_predict_lengths(psub)
@@ -294,7 +305,7 @@ def _hardware_args(p: argparse.ArgumentParser, required: bool) -> None:
     from kvshrink.predict.hardware import PRESETS
 
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--hardware", default=None, help=f"preset: {', '.join(PRESETS)}")
+    g.add_argument("--hardware", default=None, help=f"preset: {', '.join(PRESETS)}, or 'measure' (this CPU)")
     g.add_argument("--hardware-spec", default=None, metavar="SPEC",
                    help="your own: FILE.json or name=mygpu,mem=80GB,bw=3.35TB/s,flops=989T[,vflops=67T]")
     p.add_argument("--bw-efficiency", type=float, default=None, help="achieved share of peak bandwidth (default 0.8)")
@@ -316,8 +327,15 @@ def _add_predict_lengths(psub) -> None:
 
 def _add_predict_project(psub) -> None:
     p = psub.add_parser("project", help="roofline step cost per method for a model config on described hardware")
-    p.add_argument("--config", required=True, help="HF config.json, a model dir, or llama-3.1-8b / llama-3.1-70b")
+    p.add_argument("--config", default=None,
+                   help="HF config.json, a model dir, or llama-3.1-8b / llama-3.1-70b / smollm2-135m")
     _hardware_args(p, required=True)
+    p.add_argument("--validate", default=None, metavar="PROFILE",
+                   help="roofline vs a measured profile's raw points, per step and operator (with --hardware measure)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--hardware measure: torch threads to measure with (default: the profile's, else torch's)")
+    p.add_argument("--save-hardware", default=None, metavar="FILE",
+                   help="write the hardware description (e.g. the measured one) as JSON for --hardware-spec")
     p.add_argument("--method", action="append", default=None, help="method spec (repeat); full is always included")
     p.add_argument("--batch", type=int, default=None, help="sequences per decode step (default: as many as fit)")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence")

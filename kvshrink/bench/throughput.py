@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kvshrink.bench.trace import percentile
 from kvshrink.engine import Engine, SamplingParams, reset_timers, timers
 from kvshrink.results import Records, open_run, write_csv, write_json_atomic
 
@@ -74,17 +75,35 @@ def _fp_token_bytes(model) -> int:
 
 
 def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 32, max_batch: int = 256,
-               progress=None) -> dict:
-    """Run all requests through the engine; returns the measurements of one run."""
-    eng = Engine(model, tok, method=method, kv_memory=kv_memory, block_size=block_size, max_batch=max_batch)
+               progress=None, max_prefill_tokens: int = 4096, chunked_prefill: bool = True) -> dict:
+    """Run all requests through the engine (all arriving at once: saturation); returns the
+    measurements of one run, TTFT percentiles included (from arrival to the step that returns the
+    first token)."""
+    eng = Engine(model, tok, method=method, kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
+                 max_prefill_tokens=max_prefill_tokens, chunked_prefill=chunked_prefill)
     reset_timers()
-    for p, o in reqs:
-        eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True))
+    arrival = {eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True)): time.perf_counter()
+               for p, o in reqs}
+    ttft: dict[str, float] = {}
+    last: dict[str, float] = {}  # request -> when its latest token came back
+    itl: list[float] = []  # gaps between a request's consecutive steps with tokens: a prefill stalls them
     peak_c = peak_b = 0
     comp = []
     t0 = time.perf_counter()
+    pure_decode_tokens = 0  # tokens of steps that ran the decode forward alone
     while eng.has_unfinished():
+        before = timers()
         outs = eng.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids and o.request_id not in ttft:
+                ttft[o.request_id] = now - arrival[o.request_id]
+            elif o.new_token_ids:
+                itl.append(now - last[o.request_id])
+            last[o.request_id] = now
+        after = timers()
+        if all(after.get(k, 0.0) == before.get(k, 0.0) for k in ("prefill", "mixed")):
+            pure_decode_tokens += sum(len(o.new_token_ids) for o in outs)
         s = eng.stats()
         peak_c, peak_b = max(peak_c, s.running), max(peak_b, s.kv_bytes_used)
         if s.running:
@@ -95,7 +114,7 @@ def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 
     s = eng.stats()
     t = timers()
     gen = s.generation_tokens
-    prefill_t = t.get("prefill", 0.0)
+    prefill_t = t.get("prefill", 0.0) + t.get("mixed", 0.0)  # a mixed step's cost is mostly its prefill chunks
     decode_t = t.get("decode", 0.0)
     n_prefills = len(reqs) + s.preemptions
     return {
@@ -103,11 +122,22 @@ def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 
         "prompt_tokens": s.prompt_tokens, "tokens_per_s": gen / wall,
         "total_tokens_per_s": (gen + sum(len(p) for p, _ in reqs)) / wall,
         "prefill_tokens_per_s": s.prompt_tokens / prefill_t if prefill_t else None,
-        "decode_tokens_per_s": (gen - n_prefills) / decode_t if decode_t else None,
+        # chunked prefill packs decode tokens into the prefill steps ("mixed"): decode tok/s is then
+        # that of the steps that decode alone
+        "decode_tokens_per_s": ((pure_decode_tokens if chunked_prefill else gen - n_prefills) / decode_t
+                                if decode_t else None),
+        "mixed_s": t.get("mixed", 0.0),
         "peak_concurrency": peak_c, "peak_kv_bytes": peak_b, "kv_bytes_total": s.kv_bytes_total,
         "preemptions": s.preemptions, "compression": sum(comp) / len(comp) if comp else 1.0,
         "time_breakdown_s": _breakdown(t),
+        "ttft_ms_p50": _ms(percentile(list(ttft.values()), 50)), "ttft_ms_p90": _ms(percentile(list(ttft.values()), 90)),
+        "itl_ms_p99": _ms(percentile(itl, 99)), "itl_ms_max": _ms(max(itl, default=None)),
+        "chunked_prefill": chunked_prefill, "max_prefill_tokens": max_prefill_tokens,
     }
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1000
 
 
 def _breakdown(t: dict[str, float]) -> dict[str, float]:
@@ -225,6 +255,12 @@ def plan(a) -> tuple[dict, list[dict]]:
     if reference and not (a.mode == "serving" or getattr(a, "trace", None)):
         raise SystemExit("--reference-kv-memory applies to serving and trace runs (a pool that admits requests)")
     config["reference_kv_memory"] = reference
+    engine = {"max_prefill_tokens": getattr(a, "max_prefill_tokens", None) or 4096,
+              "chunked_prefill": not getattr(a, "no_chunked_prefill", False)}
+    config["engine"] = engine
+    for u in units:
+        if u["kind"] in ("serving", "point"):
+            u["engine"] = engine
     return config, _with_reference(units, reference)
 
 
@@ -247,7 +283,7 @@ def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool =
         kv = parse_bytes(kv_memory) if kv_memory else int(4 * (u["prompt"] + u["output"]) * fpt * 1.05)
         with tqdm(total=sum(o for _, o in reqs), desc=f"{u['workload']} {u['method']}", unit="tok", leave=False,
                   disable=not progress) as bar:
-            row = run_engine(model, tok, spec, reqs, kv, progress=bar)
+            row = run_engine(model, tok, spec, reqs, kv, progress=bar, **u.get("engine", {}))
         row.update(method=u["method"], workload=u["workload"], kv_memory=kv)
         return row
     if u["kind"] == "trace":
@@ -264,7 +300,7 @@ def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool =
         b, ctx, n_out = u["batch"], u["context"], u["output"]
         reqs = [(p, n_out) for p, _ in _requests(b, ctx, n_out, vocab, seed=u["seed"])]
         kv = int(b * (ctx * 1.2 + n_out) * fpt * 1.2) + (32 << 20)
-        row = run_engine(model, tok, u["method"], reqs, kv)
+        row = run_engine(model, tok, u["method"], reqs, kv, **u.get("engine", {}))
         row.update(workload=u["workload"], batch=b, context=ctx)
         return row
     return decode_step_ms(model, u["method"], u["batch"], u["context"], u["steps"], vocab)
@@ -340,7 +376,7 @@ def _print_table(runs: list[dict], mode: str) -> None:
             print(f"{r['method']:28s} {r['workload']:18s} {r['step_ms']:8.1f} {r['ratio_to_full'] or 0:6.2f}")
         return
     print(f"{'workload':16s} {'method':28s} {'tok/s':>7s} {'dec tok/s':>9s} {'pre tok/s':>9s} {'conc':>4s} "
-          f"{'peakKV MB':>9s} {'compr':>5s} {'preempt':>7s} {'x full':>6s} {'x ref':>6s}")
+          f"{'peakKV MB':>9s} {'compr':>5s} {'preempt':>7s} {'x full':>6s} {'x ref':>6s} {'TTFT p50':>8s} {'p90 ms':>7s} {'ITL max':>7s}")
     for r in runs:
         def f(x, fmt):
             return format(x, fmt) if isinstance(x, (int, float)) else "-"
@@ -348,7 +384,7 @@ def _print_table(runs: list[dict], mode: str) -> None:
               f"{f(r.get('decode_tokens_per_s'), '9.1f')} {f(r.get('prefill_tokens_per_s'), '9.0f')} "
               f"{f(r.get('peak_concurrency'), '4d')} {f((r.get('peak_kv_bytes') or 0) / 1e6, '9.1f')} "
               f"{f(r.get('compression'), '5.2f')} {f(r.get('preemptions'), '7d')} {f(r.get('ratio_to_full'), '6.2f')} "
-              f"{f(r.get('ratio_to_reference'), '6.2f')}")
+              f"{f(r.get('ratio_to_reference'), '6.2f')} {f(r.get('ttft_ms_p50'), '8.0f')} {f(r.get('ttft_ms_p90'), '7.0f')} {f(r.get('itl_ms_max'), '7.0f')}")
 
 
 __all__ = ["decode_step_ms", "finish", "parse_workloads", "plan", "run_engine", "run_hf", "run_throughput",

@@ -7,9 +7,10 @@ softmax over the small ``[B, Hq, L]`` logits in *stored order* (blocks, then res
 not care about order, and it is the order the selectors see. A selector that observes decoding (H2O)
 gets these probabilities. Then ``commit`` stores the new token.
 
-Prefill (``prefill_attention``): one sequence ``[1, T]``, causal SDPA over its own full-precision
-keys; the selector observes the queries it asks for, selects, and the kept tokens go through the
-codec's stream policy into blocks and the residual ring.
+Prefill (``prefill_attention``): one sequence's prompt ``[1, T]``, or one chunk of it, causal SDPA
+over its own full-precision keys (a chunk's earlier chunks wait in a ``PrefillStaging`` outside the
+pool); at the prompt's end the selector observes the queries it asks for, selects, and the kept
+tokens go through the codec's stream policy into blocks and the residual ring.
 
 Layer types, as the model's attention module passes them (``sliding_window``, ``softcap``, ``s_aux``):
 a sliding layer attends to the last ``window`` positions (prefill: a windowed causal mask; decode:
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvshrink.engine.batch import DecodeBatch
+from kvshrink.engine.batch import DecodeBatch, PrefillSegment
 from kvshrink.engine.pool import KVStore
 from kvshrink.engine.timers import timed
 from kvshrink.methods.scoring import attention_scores, cap, eager_attention, window_mask
@@ -79,14 +80,16 @@ def commit(batch: DecodeBatch, layer: int, key: torch.Tensor, value: torch.Tenso
             st.write_encoded(side, tables[rows], encoded[rows], leaving.transpose(1, 2))
 
 
-def attend_causal(query, key, value, scaling, window=None, softcap=None, sinks=None):
-    """Causal self-attention of one sequence's prompt ``[1, Hq, T, D]`` over its own keys: SDPA
-    (``is_causal``, or a windowed mask), transformers' eager formula with a soft-cap or sinks."""
+def attend_causal(query, key, value, scaling, window=None, softcap=None, sinks=None, past: int = 0):
+    """Causal self-attention of one sequence's prompt over its own keys: SDPA (``is_causal``, or a
+    windowed mask), transformers' eager formula with a soft-cap or sinks. ``query`` ``[1, Hq, q, D]``
+    holds the last ``q`` of the ``T = past + q`` key positions (``past > 0``: a prefill chunk, whose
+    earlier positions come first in ``key``; SDPA's ``is_causal`` aligns top-left, so a mask then)."""
     T = key.shape[-2]
-    if window is None and softcap is None and sinks is None:
+    if window is None and softcap is None and sinks is None and not past:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     pos = torch.arange(T, device=query.device)
-    mask = window_mask(pos, pos, window)[None, None]
+    mask = window_mask(pos[past:], pos, window)[None, None]
     if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     return eager_attention(query, key, value, mask, scaling, softcap, sinks)
@@ -165,35 +168,90 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def prefill_attention(store: KVStore, slot: int, module, query, key, value, scaling, window=None, softcap=None,
-                      sinks=None):
-    """One sequence: causal SDPA over its own keys, then observe, select and store (a sliding layer
-    stores its window's need, unselected)."""
-    st = store
+def prefill_attention(store: KVStore, seg: PrefillSegment, module, query, key, value, scaling, window=None,
+                      softcap=None, sinks=None):
+    """One sequence's prompt, or one chunk ``[start, end)`` of it (``seg``; ``query``/``key``/``value``
+    ``[1, H, end - start, D]``): causal attention over its own full-precision keys, then, at the
+    prompt's end, observe, select and store (a sliding layer stores its window's need, unselected).
+
+    A chunk of a split prompt writes its keys, values (and the queries the selector observes) into
+    the prompt's ``PrefillStaging`` and attends over the staged positions ``< end``: what the whole
+    prompt's attention computes for those rows. The last chunk selects and stores from the staged
+    prompt, so the selector and codec see exactly what an unchunked prefill gives them."""
     layer = module.layer_idx
+    if seg.whole:
+        with timed("prefill.sdpa"):
+            out = attend_causal(query, key, value, scaling, window, softcap, sinks)
+        with timed("prefill.select_store"):
+            _select_store(store, seg.slot, layer, query, key, value, scaling, window, softcap, sinks)
+        return out.transpose(1, 2).contiguous()
+    stg: PrefillStaging = seg.staging
+    s, e = seg.start, seg.end
+    stg.k[layer, :, s:e], stg.v[layer, :, s:e] = key[0], value[0]
+    q_from = max(s, stg.q_start[layer])  # the observed queries are the prompt's last ones
+    if q_from < e:
+        stg.q[layer][:, q_from - stg.q_start[layer] : e - stg.q_start[layer]] = query[0, :, q_from - s :]
+    with timed("prefill.sdpa"):
+        k0 = max(0, s - (window - 1)) if window else 0  # a sliding layer's chunk sees no key before
+        out = attend_causal(query, stg.k[None, layer, :, k0:e], stg.v[None, layer, :, k0:e], scaling, window,
+                            softcap, sinks, past=s - k0)
+    if seg.last:
+        with timed("prefill.select_store"):
+            _select_store(store, seg.slot, layer, stg.q[layer][None], stg.k[None, layer], stg.v[None, layer],
+                          scaling, window, softcap, sinks)
+    return out.transpose(1, 2).contiguous()
+
+
+def _select_store(st: KVStore, slot: int, layer: int, query, key, value, scaling, window, softcap, sinks) -> None:
+    """A whole prompt's keys and values ``[1, H, T, D]`` of ``layer`` into ``slot``: the selector observes
+    the last queries it asks for (``query`` holds at least those), selects, and the kept go to the pool."""
     sel = st.method.selector
     T = key.shape[-2]
-    with timed("prefill.sdpa"):
-        out = attend_causal(query, key, value, scaling, window, softcap, sinks)
-    with timed("prefill.select_store"):
-        if st.expand > 1:  # KV stored per query head
-            key, value = key.repeat_interleave(st.expand, dim=1), value.repeat_interleave(st.expand, dim=1)
-        k, v = key, value
-        if not st.selects[layer]:
-            keep = st.types[layer].needed(T)
-            st.store(torch.tensor([slot]), layer, key[:, :, T - keep :], value[:, :, T - keep :])
-            return out.transpose(1, 2).contiguous()
-        rows = torch.tensor([slot], device=key.device)
-        state = st.selector_states[layer]
-        observed = sel.prefill_queries(T, layer, st.L)
-        if observed:
-            state.observe(rows, attention_scores(query[..., -observed:, :], key, scaling, softcap=softcap,
-                                                 sinks=sinks, window=window))
-        budget = sel.budget(T, layer, st.L)
-        if budget is not None and budget < T:
-            valid = torch.ones(1, st.H, T, dtype=torch.bool, device=key.device)
-            idx = state.select(rows, valid, budget)
-            k, v = _take(key, idx), _take(value, idx)
-            state.keep(rows, idx)
-        st.store(torch.tensor([slot]), layer, k, v)
-    return out.transpose(1, 2).contiguous()
+    if st.expand > 1:  # KV stored per query head
+        key, value = key.repeat_interleave(st.expand, dim=1), value.repeat_interleave(st.expand, dim=1)
+    k, v = key, value
+    if not st.selects[layer]:
+        keep = st.types[layer].needed(T)
+        st.store(torch.tensor([slot]), layer, key[:, :, T - keep :], value[:, :, T - keep :])
+        return
+    rows = torch.tensor([slot], device=key.device)
+    state = st.selector_states[layer]
+    observed = sel.prefill_queries(T, layer, st.L)
+    if observed:
+        state.observe(rows, attention_scores(query[..., -observed:, :], key, scaling, softcap=softcap,
+                                             sinks=sinks, window=window))
+    budget = sel.budget(T, layer, st.L)
+    if budget is not None and budget < T:
+        valid = torch.ones(1, st.H, T, dtype=torch.bool, device=key.device)
+        idx = state.select(rows, valid, budget)
+        k, v = _take(key, idx), _take(value, idx)
+        state.keep(rows, idx)
+    st.store(torch.tensor([slot]), layer, k, v)
+
+
+class PrefillStaging:
+    """A split prompt's full-precision keys and values per layer (``k``, ``v`` ``[L, Hkv, T, D]``, as the
+    attention modules pass them) and the last queries each layer's selector observes (``q[l]``
+    ``[Hq, n_l, D]``, positions ``q_start[l] ..``), filled chunk by chunk until its last chunk stores
+    the prompt into its pool blocks.
+
+    It lives *outside* the pool (the pool's blocks for the prompt are taken at admission, as for an
+    unchunked one, and hold encoded bytes only): one such buffer per prompt in flight, held by its
+    ``Request`` and dropped when its prefill ends, it is preempted, or it finishes. The scheduler
+    continues a prompt in flight before it admits another, so at most one is in flight at a time:
+    the extra memory is bounded by one prompt's full-precision KV (plus observed queries)."""
+
+    def __init__(self, store: KVStore, total: int):
+        st, sel = store, store.method.selector
+        self.total = total
+        kv_heads = st.H // st.expand
+        self.k = torch.empty(st.L, kv_heads, total, st.D, dtype=st.dtype, device=st.device)
+        self.v = torch.empty_like(self.k)
+        n_obs = [min(total, sel.prefill_queries(total, layer, st.L)) if st.selects[layer] else 0
+                 for layer in range(st.L)]
+        self.q = [torch.empty(st.Hq, n, st.D, dtype=st.dtype, device=st.device) for n in n_obs]
+        self.q_start = [total - n for n in n_obs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, *self.q))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvshrink.engine.pool import Growth, KVStore
+
+if TYPE_CHECKING:
+    from kvshrink.engine.attention import PrefillStaging
 
 
 @dataclass
@@ -50,6 +54,27 @@ class DecodeBatch:
         self.commits_k = _commit_groups(growth.encode_k, st.k.ring, st.device)
         self.commits_v = _commit_groups(growth.encode_v, st.v.ring, st.device)
         self.observe = st.method.selector.observes_decode() and bool((st.hold[growth.slots] >= 0).any())
+
+
+@dataclass
+class PrefillSegment:
+    """Context positions ``[start, end)`` of one sequence's prefill of ``total`` tokens, at ``offset``
+    in a step's packed forward. ``staging`` holds a split prompt's earlier chunks (None: it runs whole)."""
+
+    slot: int
+    start: int
+    end: int
+    total: int
+    offset: int
+    staging: PrefillStaging | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end == self.total
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.total
 
 
 def _commit_groups(encode: torch.Tensor, ring: int, device) -> list[list[CommitGroup]]:

@@ -13,8 +13,12 @@ from kvshrink.methods.base import Codec
 class EngineConfig:
     """``kv_memory``: bytes of the KV pool (or a size string, "512MiB"). ``block_size``: token
     positions per block (rounded up to a multiple of the codec's chunk). ``max_batch``: running
-    sequences at most. ``max_prefill_tokens``: prompt tokens prefilled per step (at least one
-    request is, whatever its length), so decoding sequences are not starved by a burst of arrivals.
+    sequences at most. ``max_prefill_tokens``: prompt tokens prefilled per step, counted over every
+    prompt of the step, so decoding sequences are not starved by a burst of arrivals.
+    ``chunked_prefill`` (default on): a prompt longer than what is left of that budget is split into
+    chunks over several steps, and a step's decode tokens and prefill chunks run in one packed forward;
+    off: each admitted prompt runs whole in a forward of its own after the decode forward (at least
+    one prompt per step, whatever its length), the engine's behaviour before chunking.
     ``evict_every``: decode steps between two cuts of a rolling selector (default ``block_size``;
     1 reproduces the HF path, which cuts at every step)."""
 
@@ -22,6 +26,7 @@ class EngineConfig:
     block_size: int = 32
     max_batch: int = 256
     max_prefill_tokens: int = 4096
+    chunked_prefill: bool = True
     evict_every: int | None = None
 
     def resolved(self, codec: Codec) -> EngineConfig:
@@ -31,6 +36,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.chunked_prefill, bool):
+            raise ValueError(f"chunked_prefill must be a bool, got {self.chunked_prefill!r}")
         if self.evict_every is not None and (not isinstance(self.evict_every, int) or self.evict_every < 1):
             raise ValueError(f"evict_every must be an integer >= 1 or None, got {self.evict_every!r}")
         block = self.block_size

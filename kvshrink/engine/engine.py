@@ -7,9 +7,11 @@ Differences from the HF path (``kvshrink.compress``), each bounded by a test in 
   ``hold + evict_every`` tokens and is then cut back to ``hold`` in one selection (the HF path cuts
   one token per step). ``evict_every=1`` reproduces the HF path; the default is ``block_size``.
 
-A step is schedule (``Scheduler.schedule``: blocks for the decoding sequences, then admissions) ->
-execute (``ModelRunner``: one forward per admitted prompt, one for the decode batch) -> update
-(counters, sampling, eviction, outputs).
+A step is schedule (``Scheduler.schedule``: blocks for the decoding sequences, then prefill chunks of
+the prompts in flight and of admissions) -> execute (``ModelRunner.forward``: one packed forward of
+the decode tokens and every prefill chunk; with ``chunked_prefill=False``, one for the decode batch
+and one per admitted prompt) -> update (counters, sampling, eviction, outputs). A prompt split into
+chunks (prefill) gives the same tokens as run whole, up to floating-point summation order.
 - everything else (selection at the end of prefill, codec stream policies, H2O's accumulated scores)
   follows the HF path exactly; results differ only by floating-point summation order.
 """
@@ -23,13 +25,14 @@ import uuid
 
 import torch
 
-from kvshrink.engine.batch import DecodeBatch
+from kvshrink.engine.attention import PrefillStaging
+from kvshrink.engine.batch import DecodeBatch, PrefillSegment
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.eviction import evict_due
 from kvshrink.engine.pool import KVStore
 from kvshrink.engine.request import Request, RequestStatus
 from kvshrink.engine.runner import ModelRunner
-from kvshrink.engine.scheduler import Scheduler, SchedulerOutput
+from kvshrink.engine.scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from kvshrink.engine.timers import reset_timers, timed, timers
 from kvshrink.engine.types import EngineStats, RequestOutput, SamplingParams
 from kvshrink.methods import CompressionMethod, parse
@@ -54,10 +57,11 @@ class Engine:
     def __init__(self, model, tokenizer=None, method: str | CompressionMethod = "full",
                  kv_memory: int | str = "1GiB", block_size: int = 32, max_batch: int = 256,
                  max_prefill_tokens: int = 4096, device=None, evict_every: int | None = None,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, chunked_prefill: bool = True):
         self.method = parse(method)
         cfg = config or EngineConfig(kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
-                                     max_prefill_tokens=max_prefill_tokens, evict_every=evict_every)
+                                     max_prefill_tokens=max_prefill_tokens, evict_every=evict_every,
+                                     chunked_prefill=chunked_prefill)
         self.cfg = cfg = cfg.resolved(self.method.codec)
         if device is not None:
             model = model.to(device)
@@ -69,7 +73,8 @@ class Engine:
         self.store = KVStore(self.config, self.method, cfg.kv_memory, cfg.block_size, cfg.max_batch, self.dtype,
                              self.device)
         self.runner = ModelRunner(model, self.store)
-        self.scheduler = Scheduler(self.store, min(cfg.max_batch, self.store.max_slots), cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(self.store, min(cfg.max_batch, self.store.max_slots), cfg.max_prefill_tokens,
+                                   chunked=cfg.chunked_prefill)
         self.max_context = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
         self.eos = _eos_ids(model, tokenizer)
         self._lock = threading.RLock()
@@ -160,45 +165,60 @@ class Engine:
             return outputs + self._update(touched)
 
     def _execute(self, plan: SchedulerOutput) -> list[Request]:
-        """The step's forwards; returns every request the step touched."""
-        sch = self.scheduler
+        """The step's forwards (one, packed; unchunked: decode, then one per prompt); returns every
+        request the step touched."""
         touched = list(plan.too_long)
         for req in plan.too_long:
             self._finish(req, "length", "sequence grew beyond what the KV pool can hold")
         with self.runner.attention():
-            if plan.decode:
-                touched += plan.decode
-                try:
-                    with timed("decode"):
-                        batch = DecodeBatch(self.store, plan.growth)
-                        logits = self.runner.decode(batch, [r.output[-1] for r in plan.decode],
-                                                    [len(r.context) - 1 for r in plan.decode])
-                    self.store.advance(plan.growth)
-                    with timed("sample"):
-                        tokens = self._sample(plan.decode, logits)
-                    for r, t in zip(plan.decode, tokens):
-                        self._accept(r, t)
-                    with timed("compact"):
-                        alive = [r.slot for r in plan.decode if not r.finished]
-                        if alive:
-                            self._evictions += evict_due(self.store, torch.tensor(alive), self.evict_every)
-                except Exception as e:  # noqa: BLE001 - the batch fails, never the engine
-                    for r in plan.decode:
-                        sch.remove(r)
-                        self._finish(r, "error", f"{type(e).__name__}: {e}")
-            for req in plan.prefill:
-                touched.append(req)
-                try:
-                    with timed("prefill"):
-                        ctx = req.context
-                        logits = self.runner.prefill(req.slot, ctx)
-                    req.prefills += 1
-                    self._prompt_tokens += len(ctx)
-                    self._accept(req, self._sample([req], logits[None])[0])
-                except Exception as e:  # noqa: BLE001 - one request fails, never the engine
-                    sch.remove(req)
-                    self._finish(req, "error", f"{type(e).__name__}: {e}")
+            if self.cfg.chunked_prefill:
+                parts = [(plan.decode, plan.chunks)] if plan.decode or plan.chunks else []
+            else:
+                parts = ([(plan.decode, [])] if plan.decode else []) + [([], [c]) for c in plan.chunks]
+            for decode, chunks in parts:
+                touched += decode + [c.req for c in chunks]
+                self._forward(plan, decode, chunks)
         return touched
+
+    def _forward(self, plan: SchedulerOutput, decode: list[Request], chunks: list[PrefillChunk]) -> None:
+        """One forward of ``decode`` (one token each) and prefill ``chunks``, then sampling where a
+        token is due (every decode row; a prompt whose last chunk ran) and eviction. An error fails
+        the forward's requests, never the engine."""
+        done = [c.req for c in chunks if c.last]
+        try:
+            with timed("mixed" if decode and chunks else "decode" if decode else "prefill"):
+                ids = [r.output[-1] for r in decode]
+                pos = [len(r.context) - 1 for r in decode]
+                segments, keep = [], list(range(len(decode)))
+                for c in chunks:
+                    r = c.req
+                    if r.staging is None and not (c.start == 0 and c.last):  # a split prompt's first chunk
+                        r.staging = PrefillStaging(self.store, r.prefill_len)
+                    segments.append(PrefillSegment(r.slot, c.start, c.end, r.prefill_len, len(ids), r.staging))
+                    ids += r.context[c.start : c.end]
+                    pos += range(c.start, c.end)
+                    if c.last:
+                        keep.append(len(ids) - 1)
+                batch = DecodeBatch(self.store, plan.growth) if decode else None
+                logits = self.runner.forward(batch, segments, ids, pos, keep)
+            if decode:
+                self.store.advance(plan.growth)
+            self._prompt_tokens += sum(c.end - c.start for c in chunks)
+            for r in done:
+                r.prefills += 1
+                r.staging = None  # stored in the pool now
+            with timed("sample"):
+                tokens = self._sample(decode + done, logits)
+            for r, t in zip(decode + done, tokens):
+                self._accept(r, t)
+            with timed("compact"):
+                alive = [r.slot for r in decode if not r.finished]
+                if alive:
+                    self._evictions += evict_due(self.store, torch.tensor(alive), self.evict_every)
+        except Exception as e:  # noqa: BLE001 - the forward's requests fail, never the engine
+            for r in decode + [c.req for c in chunks]:
+                self.scheduler.remove(r)
+                self._finish(r, "error", f"{type(e).__name__}: {e}")
 
     def _update(self, touched: list[Request]) -> list[RequestOutput]:
         """Free what finished; one output per request that produced tokens or finished."""
@@ -247,6 +267,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------- internals
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.staging = None
         if req.finish_reason is None:
             req.finish_reason, req.error = reason, error
             req.finish_time = time.perf_counter()

@@ -34,10 +34,22 @@ class Request:
     generator: torch.Generator | None = None
     new_tokens: list[int] = field(default_factory=list)  # produced in the current step
     prefills: int = 0
+    # the prefill in progress: ``prefill_len`` context tokens (prompt + output, fixed at admission),
+    # ``prefilled`` of them scheduled so far; it decodes once they are equal
+    prefill_len: int = 0
+    prefilled: int = 0
+    # full-precision keys/values of the chunks of a split prompt that ran (``attention.PrefillStaging``),
+    # outside the pool, from its first chunk to its last; dropped on preemption and finish
+    staging: object | None = None
 
     @property
     def context(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted, and part of its context still to prefill (a chunked prompt in flight)."""
+        return self.prefilled < self.prefill_len
 
     @property
     def finished(self) -> bool:

@@ -4,6 +4,13 @@
 ``kvshrink_batch=<context>`` and ``use_cache=False``: transformers forwards the kwarg down to every
 attention call, and since ``kvshrink_paged`` has no mask function registered, no mask is built (the
 attention function builds its own). No per-architecture code.
+
+A forward is one packed sequence ``[1, N]`` (the varlen layout of vLLM and transformers' continuous
+batching): first one token for each of the decode batch's ``B`` sequences, then the step's prefill
+segments, each a contiguous run of one prompt's positions. Everything but attention is per token,
+so only ``paged_attention`` needs to know: it splits queries, keys and values along the sequence,
+views the decode part as ``[B, H, 1, D]`` for ``decode_attention`` and gives each segment to
+``prefill_attention``; logits are computed only at the rows that sample (``logits_to_keep``).
 """
 
 from __future__ import annotations
@@ -16,9 +23,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from kvshrink.engine.attention import attend_causal, decode_attention, prefill_attention
-from kvshrink.engine.batch import DecodeBatch
+from kvshrink.engine.batch import DecodeBatch, PrefillSegment
 from kvshrink.engine.pool import KVStore
-from kvshrink.engine.timers import timed
 from kvshrink.errors import CompressionNotInEffect, untested_transformers
 from kvshrink.layer_types import check_call
 from kvshrink.methods.scoring import eager_attention
@@ -27,15 +33,13 @@ ATTN_NAME = "kvshrink_paged"
 
 
 @dataclass
-class PrefillContext:
+class StepContext:
+    """One forward's layout: the decode batch's ``B`` tokens first (none if ``batch`` is None), then
+    the prefill ``segments`` in order."""
+
     store: KVStore
-    slot: int
-    layers_run: int = 0
-
-
-@dataclass
-class DecodeContext:
-    batch: DecodeBatch
+    batch: DecodeBatch | None
+    segments: list[PrefillSegment]
     layers_run: int = 0
 
 
@@ -52,11 +56,20 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             out = attend_causal(query, key, value, scaling, window, softcap, sinks)
         return out.transpose(1, 2).contiguous(), None
     ctx.layers_run += 1
-    store = ctx.store if isinstance(ctx, PrefillContext) else ctx.batch.store
-    check_call(store.types[module.layer_idx], module.layer_idx, window, "engine")
-    if isinstance(ctx, PrefillContext):
-        return prefill_attention(ctx.store, ctx.slot, module, query, key, value, scaling, window, softcap, sinks), None
-    return decode_attention(ctx.batch, module, query, key, value, scaling, window, softcap, sinks), None
+    check_call(ctx.store.types[module.layer_idx], module.layer_idx, window, "engine")
+    outs = []  # [1, n, Hq, D] per part, in packed order
+    B = ctx.batch.B if ctx.batch is not None else 0
+    if B:  # [1, H, B, D] -> [B, H, 1, D]: one token per sequence
+        q, k, v = (x[0, :, :B].transpose(0, 1).unsqueeze(2).contiguous() for x in (query, key, value))
+        out = decode_attention(ctx.batch, module, q, k, v, scaling, window, softcap, sinks)
+        outs.append(out.reshape(1, B, *out.shape[2:]))
+    # one call per prompt segment: they differ in length (no varlen SDPA on every backend), and a
+    # step holds few of them (chunks of at most max_prefill_tokens tokens in all)
+    for seg in ctx.segments:
+        cols = slice(seg.offset, seg.offset + seg.end - seg.start)
+        outs.append(prefill_attention(ctx.store, seg, module, query[:, :, cols], key[:, :, cols], value[:, :, cols],
+                                      scaling, window, softcap, sinks))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)
@@ -78,7 +91,7 @@ class ModelRunner:
             if prev != ATTN_NAME:
                 self.model.set_attn_implementation(prev)
 
-    def _check_every_layer_ran(self, ctx: PrefillContext | DecodeContext) -> None:
+    def _check_every_layer_ran(self, ctx: StepContext) -> None:
         if ctx.layers_run != self.store.L:
             raise CompressionNotInEffect(
                 f"the engine's attention function ran in {ctx.layers_run} of {self.store.L} layers "
@@ -86,23 +99,15 @@ class ModelRunner:
             )
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        """Run the prompt of one sequence; store its (selected, encoded) KV; return last logits [V]."""
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(len(token_ids), device=self.device)[None]
-        ctx = PrefillContext(self.store, slot)
-        with timed("prefill.forward"):
-            out = self.model(input_ids=ids, position_ids=pos, kvshrink_batch=ctx, use_cache=False, logits_to_keep=1)
+    def forward(self, batch: DecodeBatch | None, segments: list[PrefillSegment], token_ids: list[int],
+                positions: list[int], keep: list[int]) -> torch.Tensor:
+        """One packed forward: ``token_ids``/``positions`` ``[N]`` laid out as ``batch`` (its ``B``
+        decode tokens) then ``segments``; each decode token's KV is committed and each prompt whose
+        last segment runs is stored. Returns the logits ``[len(keep), V]`` at packed rows ``keep``."""
+        N = len(token_ids)
+        dev = torch.tensor(token_ids + positions + keep, dtype=torch.long).to(self.device)  # one copy
+        ctx = StepContext(self.store, batch, segments)
+        out = self.model(input_ids=dev[None, :N], position_ids=dev[None, N : 2 * N], kvshrink_batch=ctx,
+                         use_cache=False, logits_to_keep=dev[2 * N :])
         self._check_every_layer_ran(ctx)
-        return out.logits[0, -1].float()
-
-    @torch.inference_mode()
-    def decode(self, batch: DecodeBatch, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each sequence of the batch; returns logits [B, V]."""
-        ids_pos = torch.tensor([token_ids, positions], dtype=torch.long).to(self.device)
-        ctx = DecodeContext(batch)
-        with timed("decode.forward"):
-            out = self.model(input_ids=ids_pos[0, :, None], position_ids=ids_pos[1, :, None], kvshrink_batch=ctx,
-                             use_cache=False, logits_to_keep=1)
-        self._check_every_layer_ran(ctx)
-        return out.logits[:, -1].float()
+        return out.logits[0].float()

@@ -1,17 +1,26 @@
 """Who runs next: continuous batching, first come first served. Imports only the pool.
 
 Each step, in this order (as vLLM's scheduler: running sequences first, then the queue):
-- **Decode** every running sequence: the pool is asked for the blocks one more token takes
-  (``KVStore.plan_growth`` then ``allocate``: a plan, or a refusal). On a refusal the youngest running
-  sequence (last admitted) is *preempted by recompute*: it gives back every block and goes to the
-  head of the queue; when re-admitted it prefills prompt + generated tokens and continues. A sequence
-  that cannot grow even alone finishes with ``length``.
+- **Decode** every running sequence whose prefill is done: the pool is asked for the blocks one more
+  token takes (``KVStore.plan_growth`` then ``allocate``: a plan, or a refusal). On a refusal the
+  youngest running sequence (last admitted) is *preempted by recompute*: it gives back every block
+  and goes to the head of the queue; when re-admitted it prefills prompt + generated tokens and
+  continues. A sequence that cannot grow even alone finishes with ``length``.
+- **Continue** the prompts in flight (chunked prefill: admitted, not yet wholly prefilled), oldest
+  first, within the step's ``max_prefill_tokens``.
 - **Admit** from the head of the queue while a slot is free and the pool holds the blocks the prompt
   takes under the method (selected tokens, encoded, residual window reserved) plus a watermark of
   one block per layer for every running sequence's next growth. Methods that evict while decoding
   hold their budget (their sequences stop growing); the others grow by their bytes per token. FCFS:
-  a request that does not fit blocks the ones behind it (no overtaking). At most
-  ``max_prefill_tokens`` prompt tokens are admitted per step (at least one request).
+  a request that does not fit blocks the ones behind it (no overtaking). A prompt's blocks are all
+  taken at admission, whether it then runs whole or in chunks.
+
+``max_prefill_tokens`` bounds the prompt tokens of a step. Chunked (the default): the last prompt
+admitted takes what is left of it and continues in the next steps, so a step's cost is bounded and
+a long prompt never stalls the decoding sequences. Unchunked: prompts are admitted whole while they
+fit, at least one per step. A prompt's token is sampled in the step its last chunk runs
+(``SchedulerOutput.prefill``). The scheduler advances ``Request.prefilled`` as it plans (as vLLM's
+``num_computed_tokens``), so a prompt in flight is never in the decode batch.
 """
 
 from __future__ import annotations
@@ -26,18 +35,33 @@ from kvshrink.engine.request import Request, RequestStatus
 
 
 @dataclass
+class PrefillChunk:
+    """Context tokens ``[start, end)`` of ``req``'s prefill (of ``req.prefill_len`` tokens) run this step."""
+
+    req: Request
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.req.prefill_len
+
+
+@dataclass
 class SchedulerOutput:
     decode: list[Request] = field(default_factory=list)  # one token each, blocks taken (``growth``)
     growth: Growth | None = None
-    prefill: list[Request] = field(default_factory=list)  # admitted: slot open, prompt blocks taken
+    chunks: list[PrefillChunk] = field(default_factory=list)  # the step's prefill work, in order
+    prefill: list[Request] = field(default_factory=list)  # prefill ends this step: they sample a token
     too_long: list[Request] = field(default_factory=list)  # can never fit the pool: to finish
 
 
 class Scheduler:
-    def __init__(self, store: KVStore, max_batch: int, max_prefill_tokens: int):
+    def __init__(self, store: KVStore, max_batch: int, max_prefill_tokens: int, chunked: bool = True):
         self.store = store
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self.chunked = chunked
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -47,7 +71,8 @@ class Scheduler:
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
-        """Take a request out of the queues and give its blocks back."""
+        """Take a request out of the queues and give its blocks back (and a split prompt's staging)."""
+        req.staging, req.prefilled, req.prefill_len = None, 0, 0
         if req in self.running:
             self.running.remove(req)
         try:
@@ -68,12 +93,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._schedule_decode(out)
-        self._admit(out)
+        budget = self._continue(out, self.max_prefill_tokens)
+        self._admit(out, budget)
+        out.prefill = [c.req for c in out.chunks if c.last]
         return out
 
     def _schedule_decode(self, out: SchedulerOutput) -> None:
         st = self.store
-        batch = list(self.running)
+        batch = [r for r in self.running if not r.prefilling]
         while batch:
             growth = st.plan_growth(torch.tensor([r.slot for r in batch]))
             if st.allocate(growth):
@@ -87,13 +114,28 @@ class Scheduler:
                 self.preempt(victim)
             batch = [r for r in batch if r is not victim]
 
-    def _admit(self, out: SchedulerOutput) -> None:
+    def _chunk(self, out: SchedulerOutput, req: Request, budget: int) -> int:
+        """Plan the next chunk of ``req`` (all of what is left, unchunked); returns the budget left."""
+        n = req.prefill_len - req.prefilled
+        if self.chunked:
+            n = min(n, budget)
+        out.chunks.append(PrefillChunk(req, req.prefilled, req.prefilled + n))
+        req.prefilled += n
+        return budget - n
+
+    def _continue(self, out: SchedulerOutput, budget: int) -> int:
+        for req in sorted((r for r in self.running if r.prefilling), key=lambda r: r.order):
+            if budget <= 0:
+                break
+            budget = self._chunk(out, req, budget)
+        return budget
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
         st = self.store
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_batch:
+        while self.waiting and len(self.running) < self.max_batch and (budget > 0 or not out.chunks):
             req = self.waiting[0]
             n = len(req.context)
-            if out.prefill and n > budget:
+            if out.chunks and n > budget and not self.chunked:
                 break
             if st.blocks_for_prompt(n) + st.L > st.num_blocks:  # grown past what the pool can ever hold
                 self.waiting.popleft()
@@ -104,8 +146,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.slot, req.status = slot, RequestStatus.RUNNING
+            req.prefill_len, req.prefilled = n, 0
             self._order += 1
             req.order = self._order
             self.running.append(req)
-            out.prefill.append(req)
-            budget -= n
+            budget = self._chunk(out, req, budget)

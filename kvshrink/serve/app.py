@@ -535,6 +535,10 @@ def serve(args) -> int:
         kw["block_size"] = args.block_size
     if getattr(args, "max_batch", None):
         kw["max_batch"] = args.max_batch
+    if getattr(args, "max_prefill_tokens", None):
+        kw["max_prefill_tokens"] = args.max_prefill_tokens
+    if getattr(args, "no_chunked_prefill", False):
+        kw["chunked_prefill"] = False
     engine = Engine(model, tokenizer=tok, **kw)
     name = args.served_model_name or args.model
     app = create_app(engine, tok, model_name=name, method=args.method, max_waiting=args.max_waiting,

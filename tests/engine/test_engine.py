@@ -193,19 +193,21 @@ def test_seeded_sampling_reproducible():
     assert a == b
 
 
-def test_error_fails_request_not_engine(monkeypatch):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_error_fails_request_not_engine(monkeypatch, chunked):
+    """A failing forward fails its requests (here the first prompt's, alone in its step), not the engine."""
     model = tiny_model("llama")
-    eng = Engine(model, kv_memory="4MiB")
-    orig = eng.runner.prefill
+    eng = Engine(model, kv_memory="4MiB", max_prefill_tokens=3, chunked_prefill=chunked)
+    orig = eng.runner.forward
     calls = {"n": 0}
 
-    def flaky(slot, ids):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return orig(slot, ids)
+        return orig(*args)
 
-    monkeypatch.setattr(eng.runner, "prefill", flaky)
+    monkeypatch.setattr(eng.runner, "forward", flaky)
     res = eng.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert res[0]["finish_reason"] == "error" and "boom" in res[0]["error"]
     assert res[1]["finish_reason"] == "length"
