@@ -50,14 +50,108 @@ def run_lengths(a) -> int:
     return 0
 
 
+def _profile_threads(profile: str | None) -> int | None:
+    """The torch threads a profile was measured with (its config.json), or None."""
+    from pathlib import Path
+
+    if not profile or not (Path(profile) / "config.json").is_file():
+        return None
+    return json.loads((Path(profile) / "config.json").read_text()).get("threads")
+
+
+def _project_hardware(a):
+    """``--hardware measure``: this CPU, measured with ``--threads`` (else the validated profile's
+    threads, so both describe the same setting); else a preset or ``--hardware-spec``. Written to
+    ``--save-hardware`` (a JSON file ``--hardware-spec`` reads) when given."""
+    from kvshrink.predict.hardware import MEASURE, measure_host
+
+    if (getattr(a, "hardware", None) or "").lower() == MEASURE:
+        hw = measure_host(getattr(a, "threads", None) or _profile_threads(getattr(a, "validate", None)))
+    else:
+        hw = _hardware(a)
+    if getattr(a, "save_hardware", None):
+        from kvshrink.results import write_json_atomic
+
+        write_json_atomic(a.save_hardware, hw.to_dict())
+    return hw
+
+
+def _project_assumptions(a, hw):
+    from kvshrink.predict.roofline import Assumptions
+
+    return Assumptions.for_hardware(hw, **{k: getattr(a, k, None) for k in ("bw_efficiency", "flops_efficiency",
+                                                                           "dequant")})
+
+
 def run_project(a) -> int:
     from kvshrink.predict.modelconfig import load_shape
-    from kvshrink.predict.roofline import format_projection, project
+    from kvshrink.predict.roofline import format_projection, format_validation, project, validate_profile
 
+    hw = _project_hardware(a)
+    assume = _project_assumptions(a, hw)
+    if getattr(a, "validate", None):
+        v = validate_profile(a.validate, hw, assume, a.method)
+        print(json.dumps(v, indent=2) if a.json else format_validation(v))
+        if not a.config:
+            return 0
+    if not a.config:
+        raise ValueError("give --config (a config.json, a model dir, or a shipped name) or --validate PROFILE")
     shape = load_shape(a.config, a.dtype)
-    p = project(shape, _hardware(a), a.method or [], a.context, a.batch, _bytes(a.kv_memory), _assumptions(a))
+    p = project(shape, hw, a.method or [], a.context, a.batch, _bytes(a.kv_memory), assume)
     print(json.dumps(p, indent=2) if a.json else format_projection(p))
     return 0
+
+
+def run_throughput_roofline(a) -> int:
+    """``predict throughput --config C --hardware H``: the engine's simulator on roofline step costs."""
+    import torch
+    from transformers import PretrainedConfig
+
+    from kvshrink.engine.config import EngineConfig
+    from kvshrink.predict.modelconfig import load_shape
+    from kvshrink.predict.roofline import RooflineCost
+    from kvshrink.predict.simulate import simulate
+    from kvshrink.predict.storage import storage
+    from kvshrink.predict.throughput import workload_requests
+
+    if not a.config:
+        raise ValueError("predict throughput: give --profile DIR (measured) or --config C with --hardware H")
+    shape = load_shape(a.config, a.dtype)
+    hw = _project_hardware(a)
+    assume = _project_assumptions(a, hw)
+    cfg = PretrainedConfig.from_dict(_config_dict(a.config))
+    dtype = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}[shape.dtype_bytes]
+    reqs = workload_requests(a.workload, shape.vocab)
+    if not a.json:
+        print(f"{shape.name} on {hw.name} (roofline, no profile); assumptions:")
+        for x in assume.lines(hw):
+            print(f"  - {x}")
+    for m in a.method or ["full"]:
+        cost = RooflineCost(storage(m, shape), hw, assume)
+        r = simulate(cfg, m, reqs, cost, EngineConfig(kv_memory=a.kv_memory, block_size=a.block_size),
+                     dtype=dtype).percentiles()
+        if a.json:
+            print(json.dumps({"method": m, "workload": a.workload, "costs": f"roofline {hw.name}", **r}))
+        else:
+            print(f"{m:36s} {r['output_tokens_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:9.1f} ms  "
+                  f"TPOT p50 {r['tpot_ms_p50']:7.2f} ms  E2E p50 {r['e2e_ms_p50']:9.0f} ms  "
+                  f"peak {r['peak_concurrency']}  preemptions {r['preemptions']}")
+    return 0
+
+
+def _config_dict(name_or_path: str) -> dict:
+    """The config.json behind ``load_shape``'s argument, as a dict (the simulator builds its pool from it)."""
+    from pathlib import Path
+
+    from kvshrink.predict.modelconfig import CONFIG_DIR
+
+    p = Path(name_or_path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        p = CONFIG_DIR / f"{name_or_path.lower().split('/')[-1].removeprefix('meta-')}.json"
+    d = json.loads(p.read_text())
+    return d.get("text_config", d) if isinstance(d.get("text_config"), dict) else d
 
 
 def run_advise(a) -> int:
@@ -157,3 +251,36 @@ def _drift(figs, length_model: str | None, wl) -> dict[str, float]:
                 out.setdefault(_key(m), lp.predict(m, wl.prompt, "", 2 * wl.output, reference_tokens=wl.output)
                                / wl.output - 1)
     return out
+
+
+# --------------------------------------------------------------------------------------- validate
+def serve_sweep(rates: str | None, workload: str, threads: int | None):
+    """``--serve-rates``/``--serve-workload`` as a ``ServeSweep`` (None: no sweep through the server)."""
+    from kvshrink.bench.serve import parse_rates
+    from kvshrink.predict.throughput import ServeSweep
+
+    if rates is None or rates.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        n, p, o = (int(x) for x in workload.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--serve-workload {workload!r}: want REQUESTSxPROMPTxOUTPUT, e.g. 8x320x48") from None
+    if min(n, p, o) < 1:
+        raise ValueError(f"--serve-workload {workload!r}: every figure must be >= 1")
+    return ServeSweep(requests=n, prompt=p, output=o, rates=tuple(parse_rates(rates)), threads=threads)
+
+
+def run_validate(a) -> int:
+    import torch
+
+    from kvshrink.models import load_model
+    from kvshrink.predict.throughput import validate, validation_table
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sweep = serve_sweep(a.serve_rates, a.serve_workload, torch.get_num_threads())
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+    rows = validate(model, a.profile, a.method, a.workload, a.kv_memory, a.out, serve=sweep, model_name=a.model,
+                    tokenizer=tok)
+    print(validation_table(rows))
+    return 0

@@ -4,21 +4,29 @@ The points are the records of a PROFILE directory as ``kvshrink profile`` writes
 results format: ``config.json``, ``records.jsonl`` with one raw point a line, ``summary.json``)::
 
     {"kind": "prefill", "method": SPEC, "tokens": T, "seconds": t}
-    {"kind": "decode",  "method": SPEC, "batch": B, "kv_tokens": K, "seconds": t}   (K: stored tokens read
-                                                                                     per layer, all sequences)
+    {"kind": "decode",  "method": SPEC, "batch": B, "kv_tokens": K, "kv_read": R, "seconds": t}
     {"kind": "evict",   "method": SPEC, "cuts": n, "seconds": t}
 
-Each operator's time is linear in its features with non-negative coefficients (time never falls as
-work grows)::
+(K: stored tokens of the batch per layer; R: the columns decode attention scores per layer, every
+sequence padded to the batch's widest, ``simulate.decode_read``.) Each operator's time is linear in
+its features with non-negative coefficients (no term can make more work cheaper)::
 
     prefill_s(T)   = c0 + c1 T + c2 T²        (one prompt; attention is quadratic)
-    decode_s(B, K) = c0 + c1 B + c2 K
+    decode_s(B, R) = w(B) + c R                (w: piecewise linear through per-batch-size weights)
     evict_s(n)     = c1 n                      (no intercept)
 
-fitted by non-negative least squares on *relative* residuals (rows scaled by ``1/t``: a 1 ms and a
-1 s point weigh the same, the fit minimises Σ ((t - t̂)/t)²). Any other ``kind`` can be fitted with
+``w(B)`` is what a decode step costs apart from reading the cache — the weight GEMMs, sampling, the
+step's bookkeeping — at each profiled batch size ``b_j`` (the knots, ``w_j >= 0``), linearly
+interpolated in between and continued past the last knot with the last segment's slope (never a
+falling one). On a CPU this cost is neither linear nor monotone in the batch (a GEMM with M=4 costs
+2.3x M=1 on the reference machine, and in its profiles a step of 8 or 16 sequences can cost less than
+one of 7 or 15: the kernels' blocking in M), so it is measured per batch size rather than assumed. The basis is the hat functions of the knots, so the fit stays linear
+and non-negative. A decode fit without knots (profiles written before them) is ``c0 + c1 B + c2 K``.
+
+All fits are non-negative least squares on *relative* residuals (rows scaled by ``1/t``: a 1 ms and
+a 1 s point weigh the same, the fit minimises Σ ((t - t̂)/t)²). Any other ``kind`` can be fitted with
 ``fit_operator(points, features)``. ``FittedCost`` answers ``prefill_s``/``decode_s``/``evict_s``, the
-``StepCosts`` protocol of ``kvshrink.predict.simulate``.
+``StepCosts`` protocol of ``kvshrink.predict.simulate``, and ``decode_read_s`` (the padded read).
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ import numpy as np
 
 OPERATORS: dict[str, tuple[str, ...]] = {
     "prefill": ("tokens", "tokens_sq"),
-    "decode": ("batch", "kv_tokens"),
+    "decode": ("kv_read",),  # plus the batch knots
     "evict": ("cuts",),
 }
 INTERCEPT = {"prefill": True, "decode": True, "evict": False}
+KNOTTED = {"decode": "batch"}  # operator -> the feature its piecewise-linear basis is over
 
 
 def nnls(A: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
@@ -63,11 +72,33 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
 
 
 def features_of(point: Mapping) -> dict[str, float]:
-    """A point's features, with the derived ones (``tokens_sq = tokens²``)."""
+    """A point's features, with the derived ones (``tokens_sq = tokens²``; ``kv_read`` defaults to
+    ``kv_tokens``: equal when the batch's sequences are equally long)."""
     out = {k: float(v) for k, v in point.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if "tokens" in out:
         out.setdefault("tokens_sq", out["tokens"] ** 2)
+    if "kv_tokens" in out:
+        out.setdefault("kv_read", out["kv_tokens"])
     return out
+
+
+def hat_basis(x: float, knots: Sequence[float]) -> list[float]:
+    """The piecewise-linear basis of ``knots`` at ``x``: ``Σ_j w_j φ_j(x)`` interpolates the ``w_j``
+    linearly between knots and continues the end segments' lines beyond them (there, one φ is
+    negative; ``OperatorFit.predict`` keeps the continuation from falling)."""
+    k = [float(v) for v in knots]
+    phi = [0.0] * len(k)
+    if len(k) == 1:
+        phi[0] = 1.0
+        return phi
+    i = int(np.clip(np.searchsorted(k, x, side="right") - 1, 0, len(k) - 2))  # the segment [k_i, k_i+1]
+    u = (x - k[i]) / (k[i + 1] - k[i])
+    phi[i], phi[i + 1] = 1.0 - u, u
+    return phi
+
+
+def knot_name(feature: str, knot: float) -> str:
+    return f"{feature}@{knot:g}"
 
 
 @dataclass
@@ -80,38 +111,75 @@ class OperatorFit:
     mean_rel_error: float  # mean |t - t̂| / t over the points
     max_rel_error: float
     r2: float
+    knot_feature: str | None = None  # the piecewise-linear term: over this feature ...
+    knots: tuple[float, ...] = ()  # ... through these values, coefficient knot_name(feature, knot) each
+
+    def _knotted(self, x: Mapping[str, float]) -> float:
+        if not self.knots:
+            return 0.0
+        w = [self.coef[knot_name(self.knot_feature, k)] for k in self.knots]
+        v = float(x.get(self.knot_feature, 0.0))
+        if len(w) > 1 and not self.knots[0] <= v <= self.knots[-1]:
+            # past the measured range: the end segment's slope, never a falling one (work grows)
+            (a, wa), (b, wb) = ((self.knots[-2], w[-2]), (self.knots[-1], w[-1])) if v > self.knots[-1] else \
+                ((self.knots[0], w[0]), (self.knots[1], w[1]))
+            slope = max(0.0, (wb - wa) / (b - a))
+            end, w_end = (b, wb) if v > self.knots[-1] else (a, wa)
+            return max(0.0, w_end + slope * (v - end))
+        return float(np.dot(w, hat_basis(v, self.knots)))
 
     def predict(self, x: Mapping[str, float]) -> float:
-        return max(0.0, self.intercept + sum(self.coef[f] * float(x.get(f, 0.0)) for f in self.features))
+        return max(0.0, self.intercept + self._knotted(x) + sum(self.coef[f] * float(x.get(f, 0.0))
+                                                                for f in self.features))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "features": list(self.features)}
+        return {**asdict(self), "features": list(self.features), "knots": list(self.knots)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> OperatorFit:
         return cls(op=d["op"], features=tuple(d["features"]), intercept=float(d["intercept"]),
                    coef={k: float(v) for k, v in d["coef"].items()}, n=int(d["n"]),
                    mean_rel_error=float(d["mean_rel_error"]), max_rel_error=float(d["max_rel_error"]),
-                   r2=float(d["r2"]))
+                   r2=float(d["r2"]), knot_feature=d.get("knot_feature"),
+                   knots=tuple(float(k) for k in d.get("knots", ())))
 
 
 def fit_operator(points: Sequence[Mapping], features: Sequence[str] | None = None, op: str | None = None,
-                 intercept: bool | None = None) -> OperatorFit:
-    """Fit ``t = c0 + Σ c_j x_j`` (c >= 0) to ``points`` (dicts with the features and ``seconds``)."""
+                 intercept: bool | None = None, knots: Sequence[float] | None = None,
+                 knot_feature: str | None = None) -> OperatorFit:
+    """Fit ``t = c0 + w(x_knot) + Σ c_j x_j`` (every coefficient >= 0) to ``points`` (dicts with the
+    features and ``seconds``). ``w`` is piecewise linear through ``knots`` of ``knot_feature``; for an
+    operator of ``KNOTTED`` the knots default to the distinct values the points have (every measured
+    batch size), ``knots=()`` turns them off (then the knot feature is an ordinary linear term)."""
     if op is None:
         op = str(points[0].get("kind", "?")) if points else "?"
-    feats = tuple(features or OPERATORS.get(op, ()))
-    if not feats:
-        raise ValueError(f"operator {op!r}: no features given (known operators: {', '.join(OPERATORS)})")
-    icpt = INTERCEPT.get(op, True) if intercept is None else intercept
+    kf = knot_feature or KNOTTED.get(op)
     pts = [features_of(p) for p in points if p.get("seconds") is not None and float(p["seconds"]) > 0]
-    if len(pts) < len(feats) + icpt:
-        raise ValueError(f"operator {op!r}: {len(pts)} points with time > 0 cannot fit "
-                         f"{len(feats) + icpt} parameters")
-    for f in feats:
+    if kf and knots is None:
+        knots = sorted({p[kf] for p in pts if kf in p})
+    knots = tuple(float(k) for k in knots or ())
+    if list(knots) != sorted(set(knots)):
+        raise ValueError(f"operator {op!r}: knots must be distinct and increasing, got {list(knots)}")
+    feats = tuple(features if features is not None else OPERATORS.get(op, ()))
+    if kf and not knots and kf not in feats:
+        feats = (kf, *feats)
+    if not feats and not knots:
+        raise ValueError(f"operator {op!r}: no features given (known operators: {', '.join(OPERATORS)})")
+    # the hats sum to 1 inside the knots' range: an intercept would be the same column again
+    icpt = (INTERCEPT.get(op, True) if intercept is None else intercept) and not knots
+    # every knot is a measured batch size, so the knots are determined; the other terms need points
+    # beyond them (a decode profile of one context per batch size leaves the read term to NNLS, which
+    # then gives it to the knots: right at that context, blind to others)
+    n_params = len(feats) + icpt + len(knots)
+    if len(pts) < (len(knots) if knots else n_params):
+        raise ValueError(f"operator {op!r}: {len(pts)} points with time > 0 cannot fit {n_params} parameters")
+    for f in (*feats, *([kf] if knots else [])):
         if any(f not in p for p in pts):
             raise ValueError(f"operator {op!r}: a point lacks feature {f!r}")
-    X = np.array([[p[f] for f in feats] for p in pts])
+    cols = [[p[f] for f in feats] for p in pts]
+    if knots:
+        cols = [hat_basis(p[kf], knots) + c for p, c in zip(pts, cols)]
+    X = np.array(cols, dtype=float).reshape(len(pts), -1)
     y = np.array([p["seconds"] for p in pts])
     A = np.hstack([np.ones((len(y), 1)), X]) if icpt else X
     scale = np.abs(A).max(axis=0)
@@ -121,10 +189,12 @@ def fit_operator(points: Sequence[Mapping], features: Sequence[str] | None = Non
     rel = np.abs(y - pred) / y
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    coefs = c[1:] if icpt else c
+    rest = list(c[1:] if icpt else c)
+    names = [knot_name(kf, k) for k in knots] + list(feats)
     return OperatorFit(op=op, features=feats, intercept=float(c[0]) if icpt else 0.0,
-                       coef={f: float(v) for f, v in zip(feats, coefs)}, n=len(y),
-                       mean_rel_error=float(rel.mean()), max_rel_error=float(rel.max()), r2=r2)
+                       coef={f: float(v) for f, v in zip(names, rest)}, n=len(y),
+                       mean_rel_error=float(rel.mean()), max_rel_error=float(rel.max()), r2=r2,
+                       knot_feature=kf if knots else None, knots=knots)
 
 
 @dataclass
@@ -142,8 +212,13 @@ class FittedCost:
     def prefill_s(self, tokens: int) -> float:
         return self._t("prefill", tokens=tokens)
 
-    def decode_s(self, batch: int, kv_tokens: int) -> float:
-        return self._t("decode", batch=batch, kv_tokens=kv_tokens)
+    def decode_s(self, batch: int, kv_tokens: float) -> float:
+        """A decode step whose sequences are equally long (the read is the stored tokens)."""
+        return self._t("decode", batch=batch, kv_tokens=kv_tokens, kv_read=kv_tokens)
+
+    def decode_read_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
+        """A decode step that reads ``kv_read`` columns per layer (``simulate.decode_read``: padded)."""
+        return self._t("decode", batch=batch, kv_tokens=kv_tokens, kv_read=kv_read)
 
     def evict_s(self, cuts: int) -> float:
         return self._t("evict", cuts=cuts)
@@ -156,14 +231,17 @@ class FittedCost:
         return cls(d["method"], {op: OperatorFit.from_dict(f) for op, f in d["fits"].items()})
 
 
-def fit_points(points: Iterable[Mapping]) -> dict[str, FittedCost]:
+def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str, FittedCost]:
     """``{method: FittedCost}`` over raw points of the ``OPERATORS`` kinds (others are skipped;
-    evict points with no cut-backs carry no information and are dropped)."""
+    evict points with no cut-backs carry no information and are dropped). ``time_key``: the time
+    fitted (``cpu_seconds``: the profile's CPU-time samples; points without it are skipped)."""
     groups: dict[str, dict[str, list[Mapping]]] = {}
     for p in points:
         kind = str(p.get("kind", p.get("op", "")))
-        if kind not in OPERATORS or (kind == "evict" and not p.get("cuts")):
+        if kind not in OPERATORS or (kind == "evict" and not p.get("cuts")) or p.get(time_key) is None:
             continue
+        if time_key != "seconds":
+            p = {**p, "seconds": p[time_key]}
         groups.setdefault(str(p["method"]), {}).setdefault(kind, []).append(p)
     return {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items()}) for m, ops in groups.items()}
 

@@ -2,28 +2,50 @@
 
 Pairs: every record of a method ``m`` with the reference (``full``) record of the same prompt (same
 run directory, task and id). With ``r`` the reference's output tokens and ``y`` the method's, the
-model is a ridge regression (closed form) of the log length ratio::
+learnt models (scikit-learn) fit the log length ratio around the method's mean::
 
-    t = log(max(y, 1) / max(r, 1)) = o_m + w · x,      ŷ = clip(max(r, 1) exp(o_m + w · x), 1, max_new_tokens)
+    t = log(max(y, 1) / max(r, 1)),   o_m = mean of t over the method's training pairs
+    ŷ = clip(max(r, 1) exp(o_m + f(x)), 1, max_new_tokens)
 
-    o_m = mean of t over the method's pairs,   w = argmin ||X w - (t - o)||² + λ ||w||²
-    (standardised features, unpenalised intercept)
+Candidates for ``f``, chosen **per method** by ``GroupKFold`` over the training prompts (3 folds, a
+prompt's pairs of every method held out together), on held-out MAE in tokens, by the one-standard-error
+rule (Hastie, Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): the simplest
+candidate whose MAE is within one standard error of the best one's wins, in this order:
 
-λ is chosen by 3-fold validation over the training prompts among a grid whose top (1e9) leaves only
-``o_m`` (the method's geometric-mean ratio), next to "same length as full": a set too small for the
-features falls back to the better of those. An unseen method takes the mean ``o`` of its family.
+- ``same``: ``ŷ = r`` (no drift);
+- ``ratio``: ``f = 0`` (the method's geometric-mean ratio);
+- ``ridge(α)``: ``StandardScaler`` + ``Ridge(alpha=α)`` on ``t - o_m``, α from largest to smallest;
+- ``gbr``: a small ``GradientBoostingRegressor`` (depth-2 trees, absolute-error loss: the median of
+  the log ratio maps to the median length, which is what MAE rewards) on ``t - o_m``.
 
-Pairs whose reference stopped at the token limit are left out of the ratio model's training (their
-ratio is censored) and predicted by it, then clipped at the limit. Features ``x``: intercept;
-log(1 + prompt tokens); log(1 + r); r / limit;
-task one-hot; selector and codec one-hot (the method family); c = log2(compression) (uncompressed /
-stored KV bytes); c and log(1 + r) each by selector and by codec; c x log(1 + r); cheap prompt features when the run's ``samples.jsonl``
-has the prompt (log(1 + lines), a question mark). Without a reference length a second model fits
-``log(1 + y)`` from the same features minus the reference terms.
+A method never seen in training takes the candidate best over all methods and the mean ``o`` of its
+family (selector, codec), else of all methods. With fewer than 3 training prompts there is nothing to
+validate on: ``ridge(30)``.
+
+Censoring: pairs whose reference stopped at the token limit only bound the ratio (the method might
+have gone on), so the ratio models learn from the other pairs. Such a pair is predicted by what the
+method did on its training pairs whose reference also hit the limit, ``ŷ = limit * median(y / limit)``
+(the median: MAE's optimum), when it has at least ``MIN_AT_LIMIT`` of them; else by the ratio model,
+clipped at the limit ("same" predicts ``r`` there too). Features ``x``: log(1 + prompt tokens); log(1 + r); r / limit; c x log(1 + r);
+c = log2(compression); cheap prompt features when the run's ``samples.jsonl`` has the prompt
+(log(1 + lines), a question mark); task one-hot; selector and codec one-hot (the method family);
+c and log(1 + r) each by selector and by codec.
+
+Compression ``c``: the method's stored bytes against uncompressed ones *at the reference's length*
+(prompt + r), from the method's storage model when the run's model config is known
+(``kvshrink.predict.storage``; ``configs/`` ships the embedded model's). A record's own ``kv_bytes``
+is measured after its output, so for a budget method (StreamingLLM, H2O) it grows with the very
+length being predicted; it is the fallback only for runs whose model config cannot be found.
+
+Without a reference length a second model fits ``log(1 + y)`` from the same features minus the
+reference terms (ridge or gradient boosting, chosen in the same inner validation).
 
 Baselines: "same length as full" (``ŷ = r``) and "full times the method's mean ratio"
 (``ŷ = r * mean(y / max(r, 1))`` over the method's training pairs). Evaluation is K-fold over
-*prompts*: a prompt's records of every method are held out together.
+*prompts* (``GroupKFold``): a prompt's records of every method are held out together.
+
+A saved predictor (``to_dict``) is data, not a pickle: its training pairs and choices; loading refits
+the same scikit-learn models (deterministic for a seed).
 """
 
 from __future__ import annotations
@@ -31,13 +53,21 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 REFERENCE = "full"
+FORMAT_VERSION = 2  # 1: the closed-form ridge of kvshrink <= 0.x (coefficients saved), 2: pairs + choices
 
 
 @dataclass
@@ -73,9 +103,22 @@ def _prompt_text(s: Mapping) -> str:
     return p if isinstance(p, str) else "\n".join(str(m.get("content", "")) for m in p)
 
 
+def _storage_compression(shape, spec: str, prompt: int, length: int) -> float | None:
+    """The method's compression at ``length`` tokens from its storage model (None: not a known spec)."""
+    from kvshrink.predict.storage import storage
+
+    try:
+        return float(storage(spec, shape).compression(max(length, 1), max(min(prompt, length), 1)))
+    except Exception:  # noqa: BLE001 - an unknown or older spec: the measured bytes are the fallback
+        return None
+
+
 def pairs_from_records(records: Iterable[Mapping], run: str = "", samples: Mapping[tuple, Mapping] | None = None,
-                       reference: str = REFERENCE) -> list[Pair]:
-    """Method/reference pairs of one run's records (the last record of a key wins, as in eval)."""
+                       reference: str = REFERENCE, shape=None) -> list[Pair]:
+    """Method/reference pairs of one run's records (the last record of a key wins, as in eval).
+
+    ``shape`` (a ``ModelShape``): compression from the method's storage at the reference's length;
+    without it, the record's measured ``kv_bytes_full / kv_bytes``."""
     by: dict[tuple, Mapping] = {}
     for r in records:
         if r.get("output_tokens") is None or "method" not in r:
@@ -90,16 +133,37 @@ def pairs_from_records(records: Iterable[Mapping], run: str = "", samples: Mappi
         if m not in names:
             names[m] = _names(m)
         limit = int(r.get("max_new_tokens") or ref.get("max_new_tokens") or max(r["output_tokens"], 1))
-        kv, kvf = r.get("kv_bytes"), r.get("kv_bytes_full")
+        prompt = int(r.get("prompt_tokens") or 0)
+        comp = None
+        if shape is not None:
+            comp = _storage_compression(shape, m, prompt, prompt + int(ref["output_tokens"]))
+        if comp is None:
+            kv, kvf = r.get("kv_bytes"), r.get("kv_bytes_full")
+            comp = float(kvf) / float(kv) if kv and kvf else 1.0
         text = _prompt_text(samples[(task, sid)]) if samples and (task, sid) in samples else ""
         out.append(Pair(
-            method=m, task=task, prompt=f"{run}|{task}|{sid}", prompt_tokens=int(r.get("prompt_tokens") or 0),
+            method=m, task=task, prompt=f"{run}|{task}|{sid}", prompt_tokens=prompt,
             ref_tokens=int(ref["output_tokens"]), ref_at_limit=ref.get("finish_reason") == "length",
-            max_new_tokens=limit, compression=float(kvf) / float(kv) if kv and kvf else 1.0,
+            max_new_tokens=limit, compression=comp,
             output_tokens=int(r["output_tokens"]), selector=names[m][0], codec=names[m][1],
             prompt_lines=text.count("\n") + 1 if text else 0, question="?" in text,
         ))
     return out
+
+
+def _run_shape(d: Path):
+    """The model shape of an eval run (its ``config.json``'s model and dtype), or None."""
+    from kvshrink.predict.modelconfig import load_shape
+
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        model = cfg.get("model")
+        if not model:
+            return None
+        # the run's dtype, else kvshrink's default on a CPU (fp32); bytes cancel out of a ratio anyway
+        return load_shape(str(model), str(cfg.get("dtype") or "float32"))
+    except (OSError, ValueError):
+        return None
 
 
 def load_pairs(run_dirs: Sequence[str | Path]) -> list[Pair]:
@@ -115,7 +179,7 @@ def load_pairs(run_dirs: Sequence[str | Path]) -> list[Pair]:
         if (d / "samples.jsonl").is_file():
             for s in Records(d / "samples.jsonl"):
                 samples[(s.get("task"), s.get("id"))] = s
-        out += pairs_from_records(Records(d / "records.jsonl"), str(d), samples)
+        out += pairs_from_records(Records(d / "records.jsonl"), str(d), samples, shape=_run_shape(d))
     return out
 
 
@@ -155,125 +219,225 @@ def _target(p: Pair, with_ref: bool) -> float:
     return math.log(max(p.output_tokens, 1) / max(p.ref_tokens, 1)) if with_ref else math.log1p(p.output_tokens)
 
 
-LAMBDAS = (0.3, 3.0, 30.0, 300.0, 1e9)  # 1e9: the features' weights vanish, the method's mean ratio is left
+# ---------------------------------------------------------------------------------------- the model
 
 
-@dataclass
-class Ridge:
-    """``t ≈ b + Σ w_j (x_j - μ_j) / σ_j``, ``(w, b) = argmin ||X̃w + b - t||² + λ||w||²`` (closed form)."""
+@dataclass(frozen=True)
+class Candidate:
+    """One model of the log ratio: ``same``, ``ratio``, ``ridge`` (with ``alpha``) or ``gbr``."""
 
-    names: list[str]
-    mean: list[float]
-    std: list[float]
-    coef: list[float]
-    intercept: float
-    lam: float
+    kind: str
+    alpha: float = 0.0
 
-    @classmethod
-    def fit(cls, X: np.ndarray, t: np.ndarray, names: list[str], lam: float = 1.0) -> Ridge:
-        mu, sd = X.mean(axis=0), X.std(axis=0)
-        sd[sd < 1e-12] = 1.0  # a constant column (e.g. a one-hot never set) stays at weight 0
-        Z = (X - mu) / sd
-        b = float(t.mean())
-        w = np.linalg.solve(Z.T @ Z + lam * np.eye(Z.shape[1]), Z.T @ (t - b))
-        return cls(names, mu.tolist(), sd.tolist(), w.tolist(), b, lam)
+    @property
+    def label(self) -> str:
+        return f"ridge(alpha={self.alpha:g})" if self.kind == "ridge" else self.kind
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.intercept + ((X - np.array(self.mean)) / np.array(self.std)) @ np.array(self.coef)
+    @property
+    def learnt(self) -> bool:
+        return self.kind in ("ridge", "gbr")
 
 
-def _folds(pairs: Sequence[Pair], k: int, seed: int) -> list[tuple[list[Pair], list[Pair]]]:
-    """K (train, test) splits over prompts: a prompt's records of every method go to one side."""
+RIDGE_ALPHAS = (300.0, 30.0, 3.0, 0.3)  # the features are standardised: 300 leaves little but o_m
+# simplest first: a later candidate must beat an earlier one by more than a standard error to be chosen
+CANDIDATES = (Candidate("same"), Candidate("ratio"), *(Candidate("ridge", a) for a in RIDGE_ALPHAS),
+              Candidate("gbr"))
+NO_REF_CANDIDATES = (*(Candidate("ridge", a) for a in RIDGE_ALPHAS), Candidate("gbr"))
+INNER_FOLDS = 3
+FALLBACK = Candidate("ridge", 30.0)  # too few prompts to validate a choice
+MIN_AT_LIMIT = 3  # training pairs with the reference at the limit before their median is trusted
+
+
+def _estimator(c: Candidate, seed: int) -> Any:
+    if c.kind == "ridge":
+        # StandardScaler: the penalty treats every feature alike; Ridge leaves the intercept unpenalised
+        return make_pipeline(StandardScaler(), Ridge(alpha=c.alpha))
+    if c.kind == "gbr":
+        # small on purpose (tens to hundreds of pairs): shallow trees, few of them, row subsampling
+        return GradientBoostingRegressor(loss="absolute_error", n_estimators=150, max_depth=2, learning_rate=0.05,
+                                         subsample=0.8, min_samples_leaf=3, random_state=seed)
+    raise ValueError(f"no estimator for candidate {c.label}")
+
+
+def _group_splits(pairs: Sequence[Pair], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``GroupKFold`` splits with the prompt as the group; the group labels are a seeded permutation so
+    the folds are shuffled (GroupKFold itself assigns groups in a fixed order)."""
     prompts = sorted({p.prompt for p in pairs})
-    random.Random(seed).shuffle(prompts)
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    label = {pr: order[i] for i, pr in enumerate(prompts)}
+    groups = np.array([label[p.prompt] for p in pairs])
     k = max(2, min(k, len(prompts)))
-    fold = {pr: i % k for i, pr in enumerate(prompts)}
-    return [([p for p in pairs if fold[p.prompt] != f], [p for p in pairs if fold[p.prompt] == f]) for f in range(k)]
+    return list(GroupKFold(n_splits=k).split(np.zeros((len(pairs), 1)), groups=groups))
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else 0.0
 
 
 @dataclass
-class LengthPredictor:
+class _Fitted:
+    """The scikit-learn models of one training set, for the candidates asked for."""
+
     vocab: Vocab
-    with_ref: Ridge
-    without_ref: Ridge
-    compression: dict[str, float]  # method -> mean compression in training (when a query gives none)
-    mean_ratio: dict[str, float] = field(default_factory=dict)  # method -> mean y / r (baseline)
-    offsets: dict[str, float] = field(default_factory=dict)  # method -> mean log ratio (the ridge fits the rest)
-    offset_default: float = 0.0
-    mode: str = "ridge"  # "ridge" | "same" (inner validation found nothing better than full's length)
+    offsets: dict[str, float]
+    offset_default: float
+    with_ref: dict[Candidate, Any]
+    without_ref: dict[Candidate, Any]
+    at_limit: dict[str, float] = field(default_factory=dict)  # method -> median y / limit, reference at limit
 
     @classmethod
-    def fit(cls, pairs: Sequence[Pair], lam: float | None = None, seed: int = 0) -> LengthPredictor:
-        """Fit on ``pairs``; ``lam=None`` chooses λ (or "same as full") by 3-fold validation over the
-        training prompts, so a small or noisy set falls back to the method's mean ratio or to full."""
-        if len(pairs) < 2:
-            raise ValueError(f"need at least 2 method/reference pairs to fit, got {len(pairs)}")
-        mode = "ridge"
-        if lam is None:
-            lam, mode = cls._select(pairs, seed)
+    def fit(cls, pairs: Sequence[Pair], with_ref: Iterable[Candidate], without_ref: Iterable[Candidate],
+            seed: int) -> _Fitted:
         v = Vocab.of(pairs)
-        # a reference cut at the limit only bounds the ratio (the method might have gone on): such pairs
-        # would teach "ratio 1" to every method, so the ratio model learns from the others
         free = [p for p in pairs if not p.ref_at_limit] or list(pairs)
-        by: dict[str, list[Pair]] = {}
+        by: dict[str, list[float]] = {}
         for p in free:
-            by.setdefault(p.method, []).append(p)
-        offsets = {m: float(np.mean([_target(p, True) for p in ps])) for m, ps in by.items()}
-        default = float(np.mean([_target(p, True) for p in free]))
+            by.setdefault(p.method, []).append(_target(p, True))
+        offsets = {m: _mean(ts) for m, ts in by.items()}
+        default = _mean(_target(p, True) for p in free)
         X = np.array([_row(p, v, True) for p in free])
         t = np.array([_target(p, True) - offsets[p.method] for p in free])
-        with_ref = Ridge.fit(X, t, v.names(True), lam)
-        X = np.array([_row(p, v, False) for p in pairs])
-        without = Ridge.fit(X, np.array([_target(p, False) for p in pairs]), v.names(False), lam)
-        allm: dict[str, list[Pair]] = {}
+        wr = {c: _estimator(c, seed).fit(X, t) for c in dict.fromkeys(with_ref) if c.learnt}
+        X0 = np.array([_row(p, v, False) for p in pairs])
+        t0 = np.array([_target(p, False) for p in pairs])
+        nr = {c: _estimator(c, seed).fit(X0, t0) for c in dict.fromkeys(without_ref)}
+        cut: dict[str, list[float]] = {}
         for p in pairs:
-            allm.setdefault(p.method, []).append(p)
-        return cls(v, with_ref, without, {m: float(np.mean([p.compression for p in ps])) for m, ps in allm.items()},
-                   {m: float(np.mean([p.output_tokens / max(p.ref_tokens, 1) for p in ps])) for m, ps in allm.items()},
-                   offsets, default, mode)
+            if p.ref_at_limit:
+                cut.setdefault(p.method, []).append(p.output_tokens / max(p.max_new_tokens, 1))
+        at = {m: float(np.median(v)) for m, v in cut.items() if len(v) >= MIN_AT_LIMIT}
+        return cls(v, offsets, default, wr, nr, at)
 
-    @classmethod
-    def _select(cls, pairs: Sequence[Pair], seed: int) -> tuple[float, str]:
-        if len({p.prompt for p in pairs}) < 3:
-            return 30.0, "ridge"
-        y = []
-        preds: dict[tuple[str, float], list[float]] = {("same", 0.0): []} | {("ridge", x): [] for x in LAMBDAS}
-        for train, test in _folds(pairs, 3, seed + 1):
-            if not test or len(train) < 2:
-                continue
-            y += [p.output_tokens for p in test]
-            preds[("same", 0.0)] += baseline_same(test).tolist()
-            for x in LAMBDAS:
-                preds[("ridge", x)] += cls.fit(train, x).predict_pairs(test).tolist()
-        err = {k: float(np.mean(np.abs(np.array(v) - np.array(y)))) for k, v in preds.items()}
-        best = min(err.values())
-        # the simplest candidate within 0.1% of the best: "same", then the largest λ
-        for k in [("same", 0.0), *(("ridge", x) for x in reversed(LAMBDAS))]:
-            if err[k] <= best * 1.001:
-                return k[1] or 30.0, k[0]
-        return 30.0, "ridge"  # pragma: no cover
-
-    def _offset(self, p: Pair) -> float:
+    def offset(self, p: Pair) -> float:
         if p.method in self.offsets:
             return self.offsets[p.method]
         # an unseen method: the mean offset of methods of the same family, else of all
         same = [o for m, o in self.offsets.items() if _names(m) == (p.selector, p.codec)]
-        return float(np.mean(same)) if same else self.offset_default
+        return _mean(same) if same else self.offset_default
+
+    def predict(self, pairs: Sequence[Pair], c: Candidate) -> np.ndarray:
+        """Output tokens under candidate ``c`` (using the reference length), clipped to [1, limit]."""
+        r = np.array([max(p.ref_tokens, 1) for p in pairs], dtype=float)
+        if c.kind == "same":
+            y = r
+        else:
+            f = np.zeros(len(pairs))
+            if c.learnt:
+                f = self.with_ref[c].predict(np.array([_row(p, self.vocab, True) for p in pairs]))
+            y = r * np.exp(f + np.array([self.offset(p) for p in pairs]))
+            for i, p in enumerate(pairs):
+                if p.ref_at_limit and p.method in self.at_limit:
+                    y[i] = p.max_new_tokens * self.at_limit[p.method]
+        return np.clip(y, 1, np.array([p.max_new_tokens for p in pairs]))
+
+    def predict_no_ref(self, pairs: Sequence[Pair], c: Candidate) -> np.ndarray:
+        y = np.expm1(self.without_ref[c].predict(np.array([_row(p, self.vocab, False) for p in pairs])))
+        return np.clip(y, 1, np.array([p.max_new_tokens for p in pairs]))
+
+
+def _simplest(abs_err: Mapping[Candidate, np.ndarray], order: Sequence[Candidate]) -> Candidate:
+    """The first of ``order`` whose mean absolute error is within one standard error of the best's
+    (tens of prompts a method: a smaller edge is as likely the folds' noise as a better model)."""
+    mae = {c: float(e.mean()) for c, e in abs_err.items()}
+    best = min(mae, key=mae.__getitem__)
+    e = abs_err[best]
+    se = float(e.std(ddof=1) / math.sqrt(len(e))) if len(e) > 1 else 0.0
+    return next(c for c in order if c in mae and mae[c] <= mae[best] + se)
+
+
+@dataclass
+class LengthPredictor:
+    choice: dict[str, Candidate]  # method -> candidate (with the reference length)
+    default: Candidate  # for methods not in training
+    no_ref: Candidate  # the model without a reference length
+    train: list[Pair]
+    seed: int = 0
+    cv_mae: dict[str, dict[str, float]] = field(default_factory=dict)  # method|"all" -> candidate -> inner MAE
+    compression: dict[str, float] = field(default_factory=dict)  # method -> mean compression in training
+    mean_ratio: dict[str, float] = field(default_factory=dict)  # method -> mean y / r (the baseline's)
+    _fitted: _Fitted | None = field(default=None, repr=False)
+
+    @classmethod
+    def fit(cls, pairs: Sequence[Pair], candidate: Candidate | None = None, seed: int = 0) -> LengthPredictor:
+        """Fit on ``pairs``. ``candidate=None`` chooses per method by GroupKFold over the training prompts
+        (see the module docstring); a given ``candidate`` is used for every method."""
+        if len(pairs) < 2:
+            raise ValueError(f"need at least 2 method/reference pairs to fit, got {len(pairs)}")
+        methods = sorted({p.method for p in pairs})
+        cv: dict[str, dict[str, float]] = {}
+        if candidate is not None:
+            choice, default = dict.fromkeys(methods, candidate), candidate
+            no_ref = candidate if candidate.learnt else FALLBACK
+        elif len({p.prompt for p in pairs}) < INNER_FOLDS:
+            choice, default, no_ref = dict.fromkeys(methods, FALLBACK), FALLBACK, FALLBACK
+        else:
+            choice, default, no_ref, cv = cls._select(pairs, seed)
+        lp = cls(choice, default, no_ref, list(pairs), seed, cv)
+        by: dict[str, list[Pair]] = {}
+        for p in pairs:
+            by.setdefault(p.method, []).append(p)
+        lp.compression = {m: _mean(p.compression for p in ps) for m, ps in by.items()}
+        lp.mean_ratio = {m: _mean(p.output_tokens / max(p.ref_tokens, 1) for p in ps) for m, ps in by.items()}
+        lp._fitted = _Fitted.fit(pairs, [*choice.values(), default], [no_ref], seed)
+        return lp
+
+    @staticmethod
+    def _select(pairs: Sequence[Pair], seed: int) -> tuple[dict[str, Candidate], Candidate, Candidate, dict]:
+        held: list[Pair] = []
+        pred: dict[Candidate, list[float]] = {c: [] for c in CANDIDATES}
+        pred0: dict[Candidate, list[float]] = {c: [] for c in NO_REF_CANDIDATES}
+        for tr, te in _group_splits(pairs, INNER_FOLDS, seed + 1):
+            train, test = [pairs[i] for i in tr], [pairs[i] for i in te]
+            f = _Fitted.fit(train, CANDIDATES, NO_REF_CANDIDATES, seed)
+            held += test
+            for c in CANDIDATES:
+                pred[c] += f.predict(test, c).tolist()
+            for c in NO_REF_CANDIDATES:
+                pred0[c] += f.predict_no_ref(test, c).tolist()
+        y = np.array([p.output_tokens for p in held], dtype=float)
+
+        def errors(preds: Mapping[Candidate, list[float]], sel: np.ndarray) -> dict[Candidate, np.ndarray]:
+            return {c: np.abs(np.array(v)[sel] - y[sel]) for c, v in preds.items()}
+
+        def labels(err: Mapping[Candidate, np.ndarray]) -> dict[str, float]:
+            return {c.label: float(e.mean()) for c, e in err.items()}
+
+        everything = np.ones(len(held), bool)
+        cv = {"all": labels(errors(pred, everything))}
+        choice = {}
+        for m in sorted({p.method for p in pairs}):
+            err = errors(pred, np.array([p.method == m for p in held]))
+            cv[m] = labels(err)
+            choice[m] = _simplest(err, CANDIDATES)
+        default = _simplest(errors(pred, everything), CANDIDATES)
+        err0 = errors(pred0, everything)
+        cv["no_ref"] = labels(err0)
+        return choice, default, _simplest(err0, NO_REF_CANDIDATES), cv
+
+    @property
+    def fitted(self) -> _Fitted:
+        if self._fitted is None:
+            self._fitted = _Fitted.fit(self.train, [*self.choice.values(), self.default], [self.no_ref], self.seed)
+        return self._fitted
+
+    def chosen(self, method: str) -> Candidate:
+        return self.choice.get(method, self.default)
 
     def predict_pairs(self, pairs: Sequence[Pair], use_ref: bool = True) -> np.ndarray:
         """Predicted output tokens for each pair (its ``output_tokens`` is not read)."""
         if not pairs:
             return np.zeros(0)
-        X = np.array([_row(p, self.vocab, use_ref) for p in pairs])
-        if use_ref:
-            r = np.array([max(p.ref_tokens, 1) for p in pairs], dtype=float)
-            if self.mode == "same":
-                y = r
-            else:
-                y = r * np.exp(self.with_ref.predict(X) + np.array([self._offset(p) for p in pairs]))
-        else:
-            y = np.expm1(self.without_ref.predict(X))
-        return np.clip(y, 1, np.array([p.max_new_tokens for p in pairs]))
+        if not use_ref:
+            return self.fitted.predict_no_ref(pairs, self.no_ref)
+        out = np.zeros(len(pairs))
+        groups: dict[Candidate, list[int]] = {}
+        for i, p in enumerate(pairs):
+            groups.setdefault(self.chosen(p.method), []).append(i)
+        for c, idx in groups.items():
+            out[idx] = self.fitted.predict([pairs[i] for i in idx], c)
+        return out
 
     def predict(self, method: str, prompt_tokens: int, task: str, max_new_tokens: int,
                 reference_tokens: int | None = None, reference_at_limit: bool | None = None,
@@ -289,15 +453,19 @@ class LengthPredictor:
         return float(self.predict_pairs([p], use_ref=reference_tokens is not None)[0])
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return {"kind": "length_predictor", **asdict(self)}
+        return {"kind": "length_predictor", "version": FORMAT_VERSION, "seed": self.seed,
+                "choice": {m: asdict(c) for m, c in self.choice.items()}, "default": asdict(self.default),
+                "no_ref": asdict(self.no_ref), "cv_mae": self.cv_mae, "compression": self.compression,
+                "mean_ratio": self.mean_ratio, "train": [asdict(p) for p in self.train]}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LengthPredictor:
-        return cls(Vocab(**d["vocab"]), Ridge(**d["with_ref"]), Ridge(**d["without_ref"]), dict(d["compression"]),
-                   dict(d.get("mean_ratio") or {}), dict(d.get("offsets") or {}), float(d.get("offset_default", 0.0)),
-                   str(d.get("mode", "ridge")))
+        if d.get("version") != FORMAT_VERSION:
+            raise ValueError(f"length model format {d.get('version', 1)} is not {FORMAT_VERSION} (saved by an older "
+                             f"kvshrink): write it again with `kvshrink predict lengths --save FILE`")
+        return cls({m: Candidate(**c) for m, c in d["choice"].items()}, Candidate(**d["default"]),
+                   Candidate(**d["no_ref"]), [Pair(**p) for p in d["train"]], int(d.get("seed", 0)),
+                   dict(d.get("cv_mae") or {}), dict(d.get("compression") or {}), dict(d.get("mean_ratio") or {}))
 
     @classmethod
     def load(cls, path: str | Path) -> LengthPredictor:
@@ -319,43 +487,48 @@ def baseline_ratio(train: Sequence[Pair], test: Sequence[Pair]) -> np.ndarray:
     return np.array([p.ref_tokens * mean.get(p.method, 1.0) for p in test])
 
 
-def evaluate(pairs: Sequence[Pair], folds: int = 5, seed: int = 0, lam: float | None = None) -> dict:
+def evaluate(pairs: Sequence[Pair], folds: int = 5, seed: int = 0, candidate: Candidate | None = None) -> dict:
     """Held-out MAE (tokens) per method and overall: the model (with and without the reference length)
-    against the two baselines, by K-fold over prompts."""
+    against the two baselines, by K-fold over prompts; and which candidate each fold chose per method."""
     prompts = {p.prompt for p in pairs}
     if len(prompts) < 2:
         raise ValueError(f"need at least 2 prompts with a reference and a method record, got {len(prompts)}")
-    splits = _folds(pairs, folds, seed)
+    splits = _group_splits(pairs, folds, seed)
     preds: dict[str, list[float]] = {"model": [], "model_no_ref": [], "same_as_full": [], "full_x_mean_ratio": []}
     held: list[Pair] = []
-    for train, test in splits:
-        if not test or len(train) < 2:
-            continue
-        lp = LengthPredictor.fit(train, lam, seed)
+    chosen: dict[str, Counter] = {}
+    for tr, te in splits:
+        train, test = [pairs[i] for i in tr], [pairs[i] for i in te]
+        lp = LengthPredictor.fit(train, candidate, seed)
         preds["model"] += lp.predict_pairs(test).tolist()
         preds["model_no_ref"] += lp.predict_pairs(test, use_ref=False).tolist()
         preds["same_as_full"] += baseline_same(test).tolist()
         preds["full_x_mean_ratio"] += baseline_ratio(train, test).tolist()
         held += test
+        for m in {p.method for p in test}:
+            chosen.setdefault(m, Counter())[lp.chosen(m).label] += 1
     y = np.array([p.output_tokens for p in held], dtype=float)
     methods = sorted({p.method for p in held})
 
     def mae(sel: np.ndarray) -> dict[str, float]:
         return {k: float(np.mean(np.abs(np.array(v)[sel] - y[sel]))) for k, v in preds.items()}
 
-    per = {m: {"n": int(s.sum()), "mean_output_tokens": float(y[s].mean()), **mae(s)}
+    per = {m: {"n": int(s.sum()), "mean_output_tokens": float(y[s].mean()), **mae(s), "chosen": dict(chosen[m])}
            for m in methods for s in [np.array([p.method == m for p in held])]}
     return {"folds": len(splits), "prompts": len(prompts), "pairs": len(held),
+            "reference_at_limit": sum(p.ref_at_limit for p in held),
             "overall": {"n": len(held), "mean_output_tokens": float(y.mean()), **mae(np.ones(len(held), bool))},
             "methods": per}
 
 
 def format_evaluation(ev: dict) -> str:
     head = ["method", "n", "mean tokens", "MAE model", "MAE model (no ref.)", "MAE same as full",
-            "MAE full x mean ratio"]
-    lines = [f"held-out MAE in output tokens, {ev['folds']}-fold over {ev['prompts']} prompts", "",
+            "MAE full x mean ratio", "model chosen (folds)"]
+    lines = [f"held-out MAE in output tokens, {ev['folds']}-fold over {ev['prompts']} prompts "
+             f"({ev.get('reference_at_limit', 0)} of {ev['pairs']} pairs with full at the token limit)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in [*ev["methods"].items(), ("all", ev["overall"])]:
+        ch = ", ".join(f"{k} x{v}" for k, v in sorted(e.get("chosen", {}).items(), key=lambda kv: -kv[1]))
         lines.append("| " + " | ".join([name, str(e["n"]), f"{e['mean_output_tokens']:.1f}"] + [
-            f"{e[k]:.2f}" for k in ("model", "model_no_ref", "same_as_full", "full_x_mean_ratio")]) + " |")
+            f"{e[k]:.2f}" for k in ("model", "model_no_ref", "same_as_full", "full_x_mean_ratio")] + [ch]) + " |")
     return "\n".join(lines)

@@ -2,27 +2,65 @@
 
 Raw points, measured through the real engine (so codec encode/decode, selector scoring and eviction
 are in them), are kept as records; ``costmodel.fit_points`` fits the per-operator cost model
-(prefill quadratic in T; decode linear in batch and in the stored tokens read, so dequantisation
-lands in the read term; eviction per cut-back).
+(prefill quadratic in T; decode piecewise-linear in the batch size plus a term per stored token the
+attention reads, so dequantisation lands in the read term; eviction per cut-back).
+
+Decode is measured as *batch ladders*: one engine prefills ``B`` prompts of ``C`` tokens once (each
+prompt's prefill is a prefill sample too), then decode steps are timed at every batch size from ``B``
+down to 1 by choosing which of the running sequences a step decodes (the others keep their blocks and
+wait). A point per batch size costs a few steps instead of a prefill of its own, which is what makes
+measuring every batch size affordable: on a CPU a step's cost is neither linear nor monotone in the
+batch (a GEMM with M=4 costs 2.3x M=1, and M=8 or 16 can be cheaper than M=7 or 15, the kernel's
+blocking), so the cost model interpolates between measured batch sizes rather than assuming a slope.
+Every sample is kept twice: wall-clock ``seconds`` (what a step takes here, now) and ``cpu_seconds``,
+this thread's CPU time over the same step (``time.thread_time``; with one torch thread the forward runs
+in it): on a shared machine the first grows with the other processes' load, the second hardly does,
+so a profile's CPU-time fit and the CPU share a run gets (``predict validate``) tell a wrong cost
+model from a busy machine. The batch sizes are visited in ``rounds`` interleaved passes (alternating direction), so a burst of
+load from another process on a shared machine spreads over all of them instead of bending the curve
+at the few it happened to coincide with; the median over the passes is kept.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from kvshrink.bench.throughput import _fp_token_bytes
 from kvshrink.engine import Engine, SamplingParams
+from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.timers import reset_timers, timers
+from kvshrink.predict.simulate import decode_read
 
 
-def measure(model, method: str, prefill_sizes: Sequence[int], decode_grid: Sequence[tuple[int, int]],
-            steps: int = 8, repeats: int = 2, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Raw points through the engine: prefills of each size, decode steps of each (batch, context)."""
+@dataclass(frozen=True)
+class ProfileGrid:
+    """What ``measure`` times. ``prefill``: prompt lengths (``repeats`` times each, interleaved, median
+    kept). ``ladders``: ``(max batch, prompt length)`` pairs, each timed at every batch size from the
+    max down to 1, in ``rounds`` passes of ``warmup`` untimed then ``steps`` timed decode steps."""
+
+    prefill: tuple[int, ...] = (64, 256, 512, 1024, 2048)
+    ladders: tuple[tuple[int, int], ...] = ((16, 256), (8, 1024))
+    steps: int = 3
+    warmup: int = 1
+    rounds: int = 3
+    repeats: int = 2
+
+    def to_dict(self) -> dict:
+        return {"prefill": list(self.prefill), "ladders": [list(x) for x in self.ladders], "steps": self.steps,
+                "warmup": self.warmup, "rounds": self.rounds, "repeats": self.repeats}
+
+
+DEFAULT_GRID = ProfileGrid()
+QUICK_GRID = ProfileGrid(prefill=(32, 128, 256), ladders=((8, 128), (4, 256)), steps=2, rounds=2)
+
+
+def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Raw points through the engine: prefills of each size, then each decode ladder."""
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
 
@@ -31,44 +69,85 @@ def measure(model, method: str, prefill_sizes: Sequence[int], decode_grid: Seque
 
     fp_token = _fp_token_bytes(model)
     points: list[dict] = []
-    work = len(prefill_sizes) * repeats + len(decode_grid)
+    work = len(grid.prefill) * grid.repeats + sum(b for b, _ in grid.ladders) * grid.rounds
     bar = tqdm(total=work, desc=f"profile {method}", unit="pt", disable=not progress)
-    for T in prefill_sizes:
-        eng = Engine(model, method=method, kv_memory=int(2 * T * fp_token) + (16 << 20), max_prefill_tokens=T)
-        times = []
-        for _ in range(repeats):
+    engines = {T: Engine(model, method=method, kv_memory=int(2 * T * fp_token) + (16 << 20), max_prefill_tokens=T)
+               for T in grid.prefill}
+    times: dict[int, list[float]] = {T: [] for T in grid.prefill}
+    cpu: dict[int, list[float]] = {T: [] for T in grid.prefill}
+    for _ in range(grid.repeats):  # sizes interleaved: a burst of outside load hits one sample of several
+        for T, eng in engines.items():
             eng.add_request(prompt(T), SamplingParams(max_tokens=1, ignore_eos=True))
             reset_timers()
+            c0 = time.thread_time()
             while eng.has_unfinished():
                 eng.step()
-            times.append(timers().get("prefill", 0.0))
+            cpu[T].append(time.thread_time() - c0)
+            times[T].append(timers().get("prefill", 0.0))
             bar.update()
-        points.append({"kind": "prefill", "method": method, "tokens": T, "seconds": statistics.median(times)})
-    for B, C in decode_grid:
-        kv = int(B * (C + steps + 8) * fp_token * 1.3) + (32 << 20)
-        eng = Engine(model, method=method, kv_memory=kv, max_batch=B)
-        for _ in range(B):
-            eng.add_request(prompt(C), SamplingParams(max_tokens=max(steps, 64) + 8, ignore_eos=True))
-        while eng.scheduler.waiting or any(not r.output for r in eng.scheduler.running):
-            eng.step()
-        eng.step()  # warm-up decode
-        st = eng.store
-        # a rolling selector's cut-backs come every evict_every steps: measure at least one
-        rolling = eng.method.selector.decode_hold(C, 0, st.L) is not None
-        n_steps = max(steps, eng.evict_every + 2) if rolling else steps
-        per_step, kv_tokens, cuts_before = [], [], eng.stats().evictions
-        reset_timers()
-        for _ in range(n_steps):
-            kv_tokens.append(int(st.counters.stored[list(st.reserved)].sum()) / st.L)
-            t0 = time.perf_counter()
-            eng.step()
-            per_step.append(time.perf_counter() - t0)
-        evict_s, cuts = timers().get("compact", 0.0), eng.stats().evictions - cuts_before
-        points.append({"kind": "decode", "method": method, "batch": B, "context": C,
-                       "kv_tokens": statistics.mean(kv_tokens),
-                       "seconds": statistics.median(per_step) - (evict_s / n_steps if not rolling else 0.0)})
-        points.append({"kind": "evict", "method": method, "batch": B, "context": C, "cuts": cuts,
-                       "seconds": evict_s})
-        bar.update()
+    points += [{"kind": "prefill", "method": method, "tokens": T, "seconds": statistics.median(ts), "samples": ts,
+                "cpu_seconds": statistics.median(cpu[T]), "cpu_samples": cpu[T]} for T, ts in times.items()]
+    del engines
+    for B, C in grid.ladders:
+        points += _ladder(model, method, B, C, grid, prompt, fp_token, bar)
     bar.close()
+    return points
+
+
+def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_token: int, bar) -> list[dict]:
+    # the first sequence decodes in every step of the ladder, plus while the others are admitted
+    longest = C + B * grid.rounds * (grid.steps + grid.warmup) + B + 8
+    # one whole prompt admitted per step, in a forward of its own (unchunked): each prefill timed alone
+    eng = Engine(model, method=method, config=EngineConfig(kv_memory=int(B * longest * fp_token * 1.3) + (32 << 20),
+                                                           max_batch=B, max_prefill_tokens=C, chunked_prefill=False))
+    for _ in range(B):
+        eng.add_request(prompt(C), SamplingParams(max_tokens=longest - C, ignore_eos=True))
+    sch, st = eng.scheduler, eng.store
+    prefills = []
+    while sch.waiting or any(not r.output for r in sch.running):
+        reset_timers()
+        eng.step()
+        if timers().get("prefill"):
+            prefills.append(timers()["prefill"])
+    eng.step()  # warm-up at the full batch
+    everyone = list(sch.running)  # admission order; a step decodes a prefix of it
+    samples: dict[int, list[float]] = {b: [] for b in range(1, B + 1)}
+    kv_tokens: dict[int, list[float]] = {b: [] for b in range(1, B + 1)}
+    kv_read: dict[int, list[float]] = {b: [] for b in range(1, B + 1)}
+    cpu_samples: dict[int, list[float]] = {b: [] for b in range(1, B + 1)}
+    cuts: list[tuple[int, int, float]] = []  # (batch, cut-backs, seconds) of the steps that cut
+    for rnd in range(grid.rounds):
+        for b in (range(B, 0, -1) if rnd % 2 == 0 else range(1, B + 1)):
+            # the scheduler decodes what is running: the others wait with their blocks, as if preempted
+            # without being freed (no request is waiting, so nothing is admitted into the free slots)
+            sch.running = everyone[:b]
+            for i in range(grid.warmup + grid.steps):
+                slots = torch.tensor([r.slot for r in sch.running])
+                tokens, read = int(st.counters.stored[slots].sum()) / st.L, decode_read(st, slots, st.plan_growth(slots).new_blocks)
+                evictions = eng.stats().evictions
+                reset_timers()
+                t0, c0 = time.perf_counter(), time.thread_time()
+                eng.step()
+                t, c = time.perf_counter() - t0, time.thread_time() - c0
+                cut = eng.stats().evictions - evictions
+                if cut:  # a rolling selector's cut-back is the evict operator's, not decode's
+                    cuts.append((b, cut, timers().get("compact", 0.0)))
+                    t -= timers().get("compact", 0.0)
+                    c -= min(c, timers().get("compact", 0.0))  # its CPU time, taken as its wall time
+                if i >= grid.warmup:
+                    samples[b].append(t)
+                    cpu_samples[b].append(c)
+                    kv_tokens[b].append(tokens)
+                    kv_read[b].append(read)
+            bar.update()
+    sch.running = everyone
+    points = [{"kind": "prefill", "method": method, "tokens": C, "seconds": statistics.median(prefills),
+               "samples": prefills, "source": f"ladder {B}x{C}"}] if prefills else []
+    for b in range(B, 0, -1):
+        points.append({"kind": "decode", "method": method, "batch": b, "context": C,
+                       "kv_tokens": statistics.mean(kv_tokens[b]), "kv_read": statistics.mean(kv_read[b]),
+                       "seconds": statistics.median(samples[b]), "samples": samples[b],
+                       "cpu_seconds": statistics.median(cpu_samples[b]), "cpu_samples": cpu_samples[b]})
+    points += [{"kind": "evict", "method": method, "batch": b, "context": C, "cuts": n, "seconds": t,
+                "cpu_seconds": t} for b, n, t in cuts]
     return points

@@ -32,12 +32,18 @@ LM head; ``N`` tokens through the model, ``S`` sequences in the step::
 ``kvshrink.predict.storage``. Not modelled: activations' traffic, kernel launch and framework overhead
 (``step_overhead_s`` adds a constant), GEAR's low-rank/sparse terms beyond the quantised codes, the
 cost of top-k eviction (``evict_s`` is 0), communication (one device).
+
+``validate_profile`` checks the path on a machine that can be described the same way (this CPU,
+``hardware.measure_host``): the roofline for a profile's own model config against the profile's raw
+step times, and its per-token and attention parts against the profile's fitted split.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from kvshrink.predict.hardware import Hardware
 from kvshrink.predict.modelconfig import ModelShape
@@ -92,6 +98,15 @@ class Assumptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def for_hardware(cls, hw: Hardware, **overrides) -> Assumptions:
+        """The defaults for ``hw``: a measured machine's figures are already achieved rates (a large
+        GEMM, a streaming read), so its efficiencies are 1; kvshrink's CPU engine decodes the KV into a
+        full-precision copy before attending (``engine/attention.py``), so dequantisation is unfused
+        there. A preset's figures are vendors' peaks: the class defaults."""
+        base = {"bw_efficiency": 1.0, "flops_efficiency": 1.0, "dequant": "unfused"} if hw.measured else {}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def _causal_pairs(n: int, c: int, window: int | None) -> int:
@@ -267,4 +282,124 @@ def format_projection(p: dict) -> str:
             f"{other:.3f}", r["bound"].get("decode", "-")]) + " |")
     lines += ["", "columns: per-operator ms of one decode step; (!) batch exceeds what fits the KV memory",
               "assumptions:"] + [f"  - {x}" for x in p["assumption_lines"]] + [f"NOTE {n}" for n in p["notes"]]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- against a measured profile
+
+# the roofline's operators grouped as the profile's cost model splits a step (costmodel.py): work per
+# token or sequence (weights, encoding; the fit's c0 + c1 T and w(B)) and work over pairs or stored
+# tokens (attention and what rides on it; the fit's c2 T² and c R)
+PER_TOKEN_OPS = ("linear", "encode", "overhead")
+ATTENTION_OPS = ("prefill", "decode", "dequant", "score")
+
+
+def _fit_parts(fit, kind: str, point: dict) -> dict[str, float]:
+    """The fitted cost model's two parts at a raw point: ``attention`` is what its pairs or stored-token
+    terms add (the fit with them zeroed subtracted), ``per_token`` the rest, whatever the fit's form."""
+    from kvshrink.predict.costmodel import features_of
+
+    x = features_of(point)
+    quiet = {**x, "tokens_sq": 0.0} if kind == "prefill" else {**x, "kv_read": 0.0, "kv_tokens": 0.0}
+    total, rest = fit.predict(x), fit.predict(quiet)
+    return {"per_token": rest, "attention": total - rest}
+
+
+def _rel(pred: float, meas: float) -> float | None:
+    return (pred - meas) / meas if meas > 0 else None
+
+
+def validate_profile(profile: str | Path, hw: Hardware, assume: Assumptions | None = None,
+                     methods: Sequence[str] | None = None) -> dict:
+    """Roofline step costs for the profile's own model config on ``hw`` against the profile's raw
+    points (``records.jsonl``: prefill and decode steps measured through the engine) and against its
+    fitted per-operator split. Errors are (roofline - measured) / measured."""
+    from kvshrink.predict.costmodel import FittedCost, load_points
+    from kvshrink.predict.modelconfig import shape_from_config
+
+    d = Path(profile)
+    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else None
+    if summary is None:
+        raise FileNotFoundError(f"{profile}: not a profile directory (no summary.json); run `kvshrink profile`")
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    dtype = {4: "float32", 2: "bfloat16", 1: "fp8"}.get(int(summary.get("dtype_bytes", 4)), "float32")
+    shape = shape_from_config(summary["model_config"], name=str(cfg.get("model", "model")), dtype=dtype)
+    assume = assume or Assumptions.for_hardware(hw)
+    fits = {m: FittedCost.from_dict(f) for m, f in summary["methods"].items()}
+    rows = []
+    for pt in load_points(d):
+        kind, m = pt.get("kind"), pt.get("method")
+        if kind not in ("prefill", "decode") or (methods and m not in methods) or not pt.get("seconds"):
+            continue
+        cost = RooflineCost(storage(m, shape), hw, assume)
+        if kind == "prefill":
+            ops, label = cost.prefill_ops(int(pt["tokens"])), f"T={pt['tokens']}"
+        else:
+            ops, label = cost.decode_ops(int(pt["batch"]), float(pt["kv_tokens"])), \
+                f"B={pt['batch']} C={pt['context']}"
+        parts = {"per_token": sum(o.seconds for k, o in ops.items() if k in PER_TOKEN_OPS),
+                 "attention": sum(o.seconds for k, o in ops.items() if k in ATTENTION_OPS)}
+        total = sum(o.seconds for o in ops.values())
+        fit = fits.get(m).fits.get(kind) if m in fits else None
+        fitted = _fit_parts(fit, kind, pt) if fit is not None else {}
+        rows.append({
+            "method": m, "kind": kind, "point": label, "measured_s": float(pt["seconds"]), "roofline_s": total,
+            "error": _rel(total, float(pt["seconds"])),
+            "ops_s": {k: o.seconds for k, o in ops.items()}, "bound": {k: o.bound for k, o in ops.items()},
+            "roofline_parts_s": parts, "fitted_parts_s": fitted,
+            "part_error": {k: _rel(parts[k], v) for k, v in fitted.items()},
+        })
+
+    def summarise(sel: list[dict], key) -> dict:
+        errs = [e for e in (key(r) for r in sel) if e is not None]
+        if not errs:
+            return {"n": 0}
+        return {"n": len(errs), "mean_abs_error": float(sum(abs(e) for e in errs) / len(errs)),
+                "mean_error": float(sum(errs) / len(errs)), "max_abs_error": float(max(abs(e) for e in errs))}
+
+    summary_rows = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        for kind in ("prefill", "decode"):
+            sel = [r for r in rows if r["method"] == m and r["kind"] == kind]
+            if not sel:
+                continue
+            summary_rows[f"{m}|{kind}"] = {"method": m, "kind": kind, "step": summarise(sel, lambda r: r["error"]),
+                                           **{part: summarise(sel, lambda r, part=part: r["part_error"].get(part))
+                                              for part in ("per_token", "attention")}}
+    return {"profile": str(profile), "model": shape.name, "hardware": hw.to_dict(),
+            "profile_threads": cfg.get("threads"), "assumptions": assume.to_dict(),
+            "assumption_lines": assume.lines(hw), "rows": rows, "summary": list(summary_rows.values())}
+
+
+def format_validation(v: dict) -> str:
+    def pct(e: float | None) -> str:
+        return "-" if e is None else f"{e * 100:+.0f}%"
+
+    lines = [f"roofline ({v['hardware']['name']}) vs measured profile {v['profile']} ({v['model']}, "
+             f"profiled with {v['profile_threads']} thread(s))", "",
+             "| method | step | point | measured ms | roofline ms | error | roofline: per-token ms (bound) | "
+             "attention ms | fitted per-token ms | fitted attention ms | per-token error | attention error |",
+             "|" + "---|" * 12]
+    for r in v["rows"]:
+        rp, fp, pe = r["roofline_parts_s"], r["fitted_parts_s"], r["part_error"]
+        lines.append("| " + " | ".join([
+            r["method"], r["kind"], r["point"], f"{r['measured_s'] * 1e3:.1f}", f"{r['roofline_s'] * 1e3:.1f}",
+            pct(r["error"]), f"{rp['per_token'] * 1e3:.1f} ({r['bound'].get('linear', '-')})",
+            f"{rp['attention'] * 1e3:.2f}", f"{fp.get('per_token', 0) * 1e3:.1f}", f"{fp.get('attention', 0) * 1e3:.2f}",
+            pct(pe.get("per_token")), pct(pe.get("attention"))]) + " |")
+    lines += ["", "| method | step | n | step: mean abs error (mean, worst) | per-token part: mean abs error | "
+              "attention part: mean abs error |", "|---|---|---|---|---|---|"]
+    for s in v["summary"]:
+        st = s["step"]
+
+        def f(x: dict) -> str:
+            return "-" if not x.get("n") else f"{x['mean_abs_error']:.0%}"
+
+        lines.append(f"| {s['method']} | {s['kind']} | {st['n']} | {st['mean_abs_error']:.0%} "
+                     f"({st['mean_error']:+.0%}, {st['max_abs_error']:.0%}) | {f(s['per_token'])} | "
+                     f"{f(s['attention'])} |")
+    lines += ["", "per-token: linear layers + encoding (the fit's c0 + c1 T in prefill, w(B) in decode); "
+              "attention: attention + dequantisation + selector scores (the fit's c2 T², c R). The fitted "
+              "split is the profile's non-negative fit, not a measurement: its parts are indicative.",
+              "assumptions:"] + [f"  - {x}" for x in v["assumption_lines"]]
     return "\n".join(lines)

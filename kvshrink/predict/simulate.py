@@ -7,6 +7,15 @@ decode steps take their blocks with ``plan_growth``/``allocate`` (preempting as 
 advance the counters, and rolling selectors are cut back by ``evict_due`` with the accounting-only cut.
 Only time is modelled: each step costs what a :class:`StepCosts` says a step with that content costs.
 
+A step is timed as the engine runs it: the decode of the running batch, the cut-backs due, and the
+step's prefill chunks (``SchedulerOutput.chunks``: whole prompts unchunked, each in a forward of its
+own; chunked, the pieces the step's ``max_prefill_tokens`` leaves room for, packed into the decode's
+forward). A preempted request re-prefills prompt + generated tokens (recompute). The cost of a step
+is the sum of its parts: a chunk ``[s, e)`` costs ``prefill_s(e) - prefill_s(s)``; what packing saves
+(the weights read once for decode and prefill tokens) is not modelled. Every token of a step is stamped at the
+step's end, because that is when ``Engine.step`` returns them to its caller (``bench throughput`` and
+the server's worker alike): a decode token of a step that also admits a long prompt waits for it.
+
 A change to admission, preemption or eviction in the engine changes the simulation with it: they are
 the same functions (``tests/predict/test_simulate.py`` checks the two step for step).
 """
@@ -44,6 +53,27 @@ class StepCosts(Protocol):
         """``cuts`` (sequence, layer) cut-backs of a rolling selector."""
 
 
+def decode_read(store: KVStore, slots: torch.Tensor, new_blocks: torch.Tensor | None = None) -> float:
+    """Stored-order columns the decode attention of ``slots`` scores, per layer on average: every
+    sequence is padded to the widest of the batch (``DecodeBatch.width``: the most blocks any sequence
+    holds, times the block size, or the longest stored length + 1), so a short sequence batched with
+    a long one costs what the long one costs. A cost model that knows this (``decode_read_s``) gets it.
+    Counted after the step's blocks are taken, as ``DecodeBatch`` sees them (before: pass the plan's
+    ``new_blocks``)."""
+    c = store.counters.rows(slots)
+    blocks = c.blocks if new_blocks is None else c.blocks + new_blocks
+    width = torch.maximum(blocks.amax(0) * store.bs, c.stored.amax(0) + 1)  # [L]
+    return float(len(slots) * width.sum()) / store.L
+
+
+def _decode_cost(costs: StepCosts):
+    """``(batch, kv_tokens, kv_read) -> seconds``: the padded read where the cost model takes it."""
+    padded = getattr(costs, "decode_read_s", None)
+    if padded is not None:
+        return padded
+    return lambda batch, kv_tokens, kv_read: costs.decode_s(batch, kv_tokens)
+
+
 SimRequest = TraceRequest  # one request of a simulated workload: the trace format
 
 
@@ -79,7 +109,7 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
     cfg = (config or EngineConfig()).resolved(m.codec)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     store = KVStore(text, m, cfg.kv_memory, cfg.block_size, cfg.max_batch, dtype, torch.device("meta"))
-    sch = Scheduler(store, min(cfg.max_batch, store.max_slots), cfg.max_prefill_tokens)
+    sch = Scheduler(store, min(cfg.max_batch, store.max_slots), cfg.max_prefill_tokens, chunked=cfg.chunked_prefill)
     max_context = int(getattr(text, "max_position_embeddings", 0) or 1 << 30)
     pending = [(r.arrival_s, i, r) for i, r in enumerate(requests)]
     heapq.heapify(pending)
@@ -88,6 +118,7 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
     reasons: dict[str, int] = {}
     token_steps: dict[str, list[int]] = {}  # request id -> the step (1-based) of each output token
     clock, steps, peak = 0.0, 0, 0
+    decode_cost = _decode_cost(costs)
     done = 0
 
     def finish(req: Request, reason: str) -> None:
@@ -114,32 +145,41 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
         steps += 1
         for req in plan.too_long:
             finish(req, "length")
-        produced: list[tuple[Request, float]] = []  # in the engine's order: the decode batch, then prefills
-        if plan.decode:
-            kv_tokens = int(store.counters.stored[plan.growth.slots].sum()) / store.L
-            clock += costs.decode_s(len(plan.decode), int(kv_tokens))
-            store.advance(plan.growth)
-            produced += [(req, clock) for req in plan.decode]
-        for req in plan.prefill:
-            n = len(req.context)
-            for layer, kept in enumerate(store.kept_per_layer(n)):
-                store.record_stored(torch.tensor([req.slot]), layer, kept)
-            clock += costs.prefill_s(n)
-            req.prefills += 1
-            produced.append((req, clock))
-        peak = max(peak, len(sch.running))
-        for req, t in produced:
+        produced: list[Request] = []  # in the engine's order: the decode batch, then prefills
+
+        def emit(req: Request, step: int, produced: list[Request]) -> None:
             req.output.append(0)
-            times[id(req)].append(t)
-            token_steps[req.request_id].append(steps)
+            token_steps[req.request_id].append(step)
+            produced.append(req)
             if len(req.output) >= req.sampling.max_tokens or len(req.context) >= max_context:
                 finish(req, "length")
-        alive = [r.slot for r in plan.decode if not r.finished]
-        if alive:
-            cuts = evict_due(store, torch.tensor(alive), cfg.evict_every, cut=cut_accounting)
-            if cuts:
-                clock += costs.evict_s(cuts)
-        for req in [r for r, _ in produced] + plan.too_long:
+
+        if plan.decode:
+            slots = plan.growth.slots
+            kv_tokens = int(store.counters.stored[slots].sum()) / store.L
+            clock += decode_cost(len(plan.decode), int(kv_tokens), decode_read(store, slots))
+            store.advance(plan.growth)
+            for req in plan.decode:
+                emit(req, steps, produced)
+            alive = [r.slot for r in plan.decode if not r.finished]
+            if alive:  # the engine cuts back inside its decode phase, before the prefills
+                cuts = evict_due(store, torch.tensor(alive), cfg.evict_every, cut=cut_accounting)
+                if cuts:
+                    clock += costs.evict_s(cuts)
+        for chunk in plan.chunks:
+            req = chunk.req
+            # a chunk [start, end) of a prompt costs what prefilling up to end costs beyond prefilling
+            # up to start: the same weights per token, attention over the prefix it continues
+            clock += costs.prefill_s(chunk.end) - (costs.prefill_s(chunk.start) if chunk.start else 0.0)
+            if chunk.last:  # the prompt's KV enters the pool, its first token is sampled
+                for layer, kept in enumerate(store.kept_per_layer(req.prefill_len)):
+                    store.record_stored(torch.tensor([req.slot]), layer, kept)
+                req.prefills += 1
+                emit(req, steps, produced)
+        peak = max(peak, len(sch.running))
+        for req in produced:  # all returned by the step at its end
+            times[id(req)].append(clock)
+        for req in produced + plan.too_long:
             if req.finished and req.slot is not None:
                 sch.remove(req)
 

@@ -8,7 +8,10 @@ Prediction needs no model weights: the model's config is stored in the profile.
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +21,9 @@ from kvshrink.bench.trace import load_trace, run_trace
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.pool import parse_bytes
 from kvshrink.predict.costmodel import FittedCost, fit_points, fit_report
-from kvshrink.predict.profile import measure
+from kvshrink.predict.profile import DEFAULT_GRID, QUICK_GRID, ProfileGrid, measure
 from kvshrink.predict.simulate import SimRequest, SimResult, simulate
 from kvshrink.results import Records, open_run, write_json_atomic
-
-PROFILE_PREFILL = (64, 256, 512, 1024, 2048)
-PROFILE_DECODE = ((1, 256), (4, 256), (8, 512), (16, 256), (8, 1024))
-PROFILE_QUICK = ((32, 128, 256), ((1, 128), (4, 128), (8, 256)))
 
 
 def workload_requests(spec: str, vocab: int, seed: int = 0) -> list[SimRequest]:
@@ -39,34 +38,60 @@ def workload_requests(spec: str, vocab: int, seed: int = 0) -> list[SimRequest]:
 
 
 # ---------------------------------------------------------------------------------------- profile
-def run_profile(model, model_name: str, methods: list[str], out: str | Path, quick: bool = False) -> Path:
-    prefill, decode = PROFILE_QUICK if quick else (PROFILE_PREFILL, PROFILE_DECODE)
-    cfg = {"kind": "profile", "model": model_name, "methods": methods, "prefill": list(prefill),
-           "decode": [list(x) for x in decode], "dtype": str(next(model.parameters()).dtype),
-           "threads": torch.get_num_threads()}
+def run_profile(model, model_name: str, methods: list[str], out: str | Path, quick: bool = False,
+                grid: ProfileGrid | None = None) -> Path:
+    grid = grid or (QUICK_GRID if quick else DEFAULT_GRID)
+    cfg = {"kind": "profile", "model": model_name, "methods": methods, "grid": grid.to_dict(),
+           "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads()}
     run = open_run(out, cfg)
     records = Records(run / "records.jsonl", key=("method",))
     done = records.done()
     for m in methods:
         if (m,) in done:
             continue
-        for p in measure(model, m, prefill, decode):
+        for p in measure(model, m, grid):
             records.append(p)
     fits = fit_points(records.load())
     print(fit_report(fits))
+    cpu_fits = fit_points(records.load(), time_key="cpu_seconds")
     write_json_atomic(run / "summary.json", {"model_config": model.config.to_dict(),
                                              "dtype_bytes": next(model.parameters()).element_size(),
-                                             "methods": {m: f.to_dict() for m, f in fits.items()}})
+                                             "methods": {m: f.to_dict() for m, f in fits.items()},
+                                             "methods_cpu": {m: f.to_dict() for m, f in cpu_fits.items()}})
     return run
 
 
-def load_profile(path: str | Path) -> tuple[PretrainedConfig, dict[str, FittedCost]]:
+def load_profile(path: str | Path, cpu: bool = False) -> tuple[PretrainedConfig, dict[str, FittedCost]]:
+    """The model config and the fitted costs per method: wall-clock, or with ``cpu`` the CPU-time
+    fits (empty for a profile written before CPU time was sampled)."""
     p = Path(path) / "summary.json"
     if not p.exists():
         raise ValueError(f"{path}: not a profile directory (no summary.json); run `kvshrink profile` first")
     d = json.loads(p.read_text())
     cfg = PretrainedConfig.from_dict(d["model_config"])
-    return cfg, {m: FittedCost.from_dict(c) for m, c in d["methods"].items()}
+    fits = d.get("methods_cpu", {}) if cpu else d["methods"]
+    return cfg, {m: FittedCost.from_dict(c) for m, c in fits.items()}
+
+
+@dataclass
+class Dilated:
+    """Step costs of a machine that gives this process ``share`` of a CPU: every step takes its CPU
+    time over the share (a run's share is its CPU time over its wall time)."""
+
+    costs: FittedCost
+    share: float
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.costs.prefill_s(tokens) / self.share
+
+    def decode_s(self, batch: int, kv_tokens: float) -> float:
+        return self.costs.decode_s(batch, kv_tokens) / self.share
+
+    def decode_read_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
+        return self.costs.decode_read_s(batch, kv_tokens, kv_read) / self.share
+
+    def evict_s(self, cuts: int) -> float:
+        return self.costs.evict_s(cuts) / self.share
 
 
 def predict(profile: str | Path, method: str, requests: list[SimRequest], kv_memory: int | str,
@@ -79,16 +104,65 @@ def predict(profile: str | Path, method: str, requests: list[SimRequest], kv_mem
 
 # --------------------------------------------------------------------------------------- validate
 VALIDATE_WORKLOADS = ("decode-heavy=8x384x96", "long-prompt=3x1536x48", "decode-heavy=12x256x64@rate=0.5")
+COMPARED = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "preemptions")
+
+
+@dataclass(frozen=True)
+class ServeSweep:
+    """The server part of ``predict validate``: ``requests`` random prompts of ``prompt`` tokens (the
+    ``random`` dataset of ``bench serve``), ``output`` tokens each with EOS ignored, sent to
+    ``kvshrink serve`` (one server per method, loopback, ``threads`` torch threads) at each of
+    ``rates`` requests/s (``bench serve``'s seeded arrival trace; inf: all at once)."""
+
+    requests: int = 8
+    prompt: int = 320
+    output: int = 48
+    rates: tuple[float, ...] = (0.5, float("inf"))
+    seed: int = 0
+    threads: int | None = None
+    startup_timeout: float = 300.0
+
+    @property
+    def label(self) -> str:
+        return f"serve:{self.requests}x{self.prompt}x{self.output}"
+
+
+def _compare(method: str, workload: str, kv: int, measured: dict, predicted: dict,
+             at_share: dict | None = None, share: float | None = None) -> dict:
+    """One row: measured, predicted (wall-clock profile) and, where the profile has CPU-time fits,
+    predicted from CPU time at the CPU share the measured run got (``_at_share``): what the model
+    says once the machine's load is taken as measured, so a model error shows apart from the load."""
+    row = {"method": method, "workload": workload, "kv_memory": parse_bytes(kv), "cpu_share": share}
+    for k in COMPARED:
+        m = measured.get(k)
+        for suffix, pred in (("", predicted), ("_at_share", at_share)):
+            if pred is None:
+                continue
+            row[f"{k}_predicted{suffix}"] = pred.get(k)
+            if m and pred.get(k) is not None:
+                row[f"{k}_error{suffix}"] = (pred[k] - m) / m
+        row[f"{k}_measured"] = m
+    return row
+
+
+def _at_share(cfg, method: str, reqs: list[SimRequest], cpu_models: dict[str, FittedCost], kv, share: float | None):
+    if method not in cpu_models or not share:
+        return None
+    return simulate(cfg, method, reqs, Dilated(cpu_models[method], share), EngineConfig(kv_memory=kv)).percentiles()
 
 
 def validate(model, profile: str | Path, methods: list[str] | None, workloads: list[str] | None,
-             kv_memory: int | str | None, out: str | Path) -> list[dict]:
+             kv_memory: int | str | None, out: str | Path, serve: ServeSweep | None = None,
+             model_name: str | None = None, tokenizer=None) -> list[dict]:
     """Each method x workload measured on the engine and predicted from the profile, side by side.
-    ``NAME=NxPxO@rate=R`` gives Poisson arrivals at R requests/s (seeded)."""
+    ``NAME=NxPxO@rate=R`` gives Poisson arrivals at R requests/s (seeded). With ``serve`` (and the
+    ``model_name`` a server loads, and its ``tokenizer``), one request-rate sweep through the server too."""
     cfg, models = load_profile(profile)
+    cpu_models = load_profile(profile, cpu=True)[1]
     rows = []
     run = open_run(out, {"kind": "predict-validate", "profile": str(profile), "methods": methods,
-                         "workloads": workloads, "kv_memory": kv_memory})
+                         "workloads": workloads, "kv_memory": kv_memory,
+                         "serve": None if serve is None else {**asdict(serve), "rates": [str(r) for r in serve.rates]}})
     records = Records(run / "records.jsonl", key=("method", "workload"))
     done = {(r["method"], r["workload"]): r for r in records.load()}
     for wl in workloads or VALIDATE_WORKLOADS:
@@ -99,16 +173,105 @@ def validate(model, profile: str | Path, methods: list[str] | None, workloads: l
                 rows.append(done[(m, wl)])
                 continue
             predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
+            c0, t0 = time.process_time(), time.perf_counter()
             measured = run_trace(model, m, reqs, kv)
-            row = {"method": m, "workload": wl, "kv_memory": parse_bytes(kv)}
-            for k in ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "preemptions"):
-                row[f"{k}_measured"], row[f"{k}_predicted"] = measured[k], predicted[k]
-                if measured[k]:
-                    row[f"{k}_error"] = (predicted[k] - measured[k]) / measured[k]
+            share = (time.process_time() - c0) / (time.perf_counter() - t0)
+            row = _compare(m, wl, kv, measured, predicted, _at_share(cfg, m, reqs, cpu_models, kv, share), share)
             records.append(row)
             rows.append(row)
+    if serve is not None:
+        if model_name is None or tokenizer is None:
+            raise ValueError("the server sweep needs the model's name (what `kvshrink serve --model` loads) "
+                             "and its tokenizer")
+        rows += _validate_serve(cfg, models, cpu_models, methods or list(models), serve, kv_memory, model_name,
+                                tokenizer, run, records, done)
     write_json_atomic(run / "summary.json", {"rows": rows})
     return rows
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, FittedCost], methods: list[str],
+                    sweep: ServeSweep,
+                    kv_memory: int | str | None, model_name: str, tokenizer, run: Path, records: Records,
+                    done: dict) -> list[dict]:
+    """One server per method (``bench serve``'s ``LaunchedServer``), the sweep's rates sent to it;
+    the simulator gets the same prompts' token counts and the same arrival offsets."""
+    from kvshrink.bench.datasets import random_dataset
+    from kvshrink.bench.loadgen import arrival_times
+    from kvshrink.bench.serve import LaunchedServer, _rate_label, _safe
+    from kvshrink.bench.serve import measure as serve_measure
+
+    bench = random_dataset(tokenizer, sweep.requests, sweep.prompt, sweep.output, sweep.seed, ignore_eos=True)
+    base = [SimRequest(r.prompt_tokens, r.max_tokens) for r in bench]
+    kv = kv_memory or _four_sequences(cfg, base)
+    rows = []
+    for m in methods:
+        todo = [r for r in sweep.rates if (m, f"{sweep.label}@rate={_rate_label(r)}") not in done]
+        rows += [done[(m, f"{sweep.label}@rate={_rate_label(r)}")] for r in sweep.rates if r not in todo]
+        if not todo:
+            continue
+        server = LaunchedServer(model_name, m, kv, run / "logs" / f"server-{_safe(m)}.log", sweep.startup_timeout)
+        if sweep.threads:  # the server's torch threads, as the profile's (``kvshrink serve`` has no flag)
+            server.popen_kw = {"env": {**os.environ, "OMP_NUM_THREADS": str(sweep.threads),
+                                       "MKL_NUM_THREADS": str(sweep.threads)}}
+        with server:
+            for rate in todo:
+                offsets = arrival_times(len(bench), rate, 1.0, sweep.seed)
+                reqs = [SimRequest(r.prompt_tokens, r.output_tokens, t) for r, t in zip(base, offsets)]
+                predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
+                pid = server.proc.pid if getattr(server, "proc", None) is not None else None
+                c0, t0 = (_process_cpu_s(pid) if pid else None), time.perf_counter()
+                got, results = serve_measure(server.url, model_name, bench, rate, seed=sweep.seed)
+                c1 = _process_cpu_s(pid) if pid else None
+                share = (c1 - c0) / (time.perf_counter() - t0) if c0 is not None and c1 is not None else None
+                if got["failed"]:
+                    errors = sorted({r.error for r in results if r.error})
+                    raise RuntimeError(f"server sweep, {m} at {_rate_label(rate)} req/s: {got['failed']} requests "
+                                       f"failed ({'; '.join(errors)[:300]})")
+                measured = {"output_tokens_per_s": got["output_throughput"], "ttft_ms_p50": got["median_ttft_ms"],
+                            "tpot_ms_p50": got["median_tpot_ms"], "e2e_ms_p50": got["median_e2el_ms"]}
+                row = _compare(m, f"{sweep.label}@rate={_rate_label(rate)}", kv, measured, predicted,
+                               _at_share(cfg, m, reqs, cpu_models, kv, share), share)
+                # the server's own count of the prompts: the simulator's input, from the client's tokenizer
+                row["prompt_tokens_server"] = got["total_input_tokens"]
+                row["prompt_tokens_simulated"] = sum(r.prompt_tokens for r in base)
+                records.append(row)
+                rows.append(row)
+    return rows
+
+
+def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_per_s", "ttft_ms_p50",
+                                                                 "tpot_ms_p50")) -> str:
+    """Measured / predicted (error) per row, as Markdown, with the worst absolute error per quantity."""
+    def cell(r: dict, k: str) -> str:
+        m, p = r.get(k + "_measured"), r.get(k + "_predicted")
+        if m is None or p is None:
+            return "-"
+        err, at = r.get(k + "_error"), r.get(k + "_error_at_share")
+        text = f"{m:.1f} / {p:.1f} ({err * 100:+.1f}%)" if err is not None else f"{m:.1f} / {p:.1f}"
+        return text + (f" [{at * 100:+.1f}%]" if at is not None else "")
+
+    share = lambda r: f"{r['cpu_share']:.2f}" if r.get("cpu_share") else "-"  # noqa: E731
+    lines = ["| method | workload | CPU share | " + " | ".join(f"{k} measured / predicted (error) "
+                                                                 f"[error at the run's CPU share]" for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    lines += [f"| {r['method']} | {r['workload']} | {share(r)} | " + " | ".join(cell(r, k) for k in keys) + " |"
+              for r in rows]
+    for suffix, what in (("_error", "wall-clock profile"), ("_error_at_share", "CPU-time profile at the run's share")):
+        for k in keys:
+            errs = [abs(r[k + suffix]) for r in rows if r.get(k + suffix) is not None]
+            if errs:
+                lines.append(f"{k} ({what}): within 5% in {sum(e <= 0.05 for e in errs)} of {len(errs)}, "
+                             f"worst {max(errs) * 100:.1f}%, median {sorted(errs)[len(errs) // 2] * 100:.1f}%")
+    return "\n".join(lines)
 
 
 def _with_rate(wl: str, vocab: int) -> list[SimRequest]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvshrink.cli import main
 from tests.predict.test_advise import make_results
 from tests.predict.test_lengths import synthetic_records
@@ -60,3 +62,98 @@ def test_advise_from_measured_and_projected(tmp_path, capsys):
     assert main(["advise", "--workload", "chat=1x1x1", "--results", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- predict validate
+def _tiny_profile(tmp_path):
+    from kvshrink.predict.profile import ProfileGrid
+    from kvshrink.predict.throughput import run_profile
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    grid = ProfileGrid(prefill=(8, 16, 32), ladders=((3, 16), (2, 24)), steps=1, rounds=1, repeats=1)
+    return model, run_profile(model, "tiny", ["full"], tmp_path / "prof", grid=grid)
+
+
+class _InProcessServer:
+    """Stands in for ``LaunchedServer``: the real app and engine on the tiny model, in a thread."""
+
+    launched: list = []
+
+    def __init__(self, model_name, method, kv_memory, log_path, startup_timeout):
+        self.method, self.kv_memory, self.popen_kw = method, kv_memory, {}
+        _InProcessServer.launched.append(self)
+
+    def __enter__(self):
+        from kvshrink.engine import Engine
+        from kvshrink.serve.app import create_app
+        from tests.conftest import tiny_model, tiny_tokenizer
+        from tests.serve.conftest import ServerThread
+
+        tok = tiny_tokenizer()
+        eng = Engine(tiny_model("llama"), tok, method=self.method, kv_memory=self.kv_memory)
+        self.thread = ServerThread(create_app(eng, tok, model_name="tiny", method=self.method)).start()
+        self.url = self.thread.url
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.stop()
+        return False
+
+
+def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
+    import kvshrink.bench.serve as bench_serve
+    from kvshrink.engine.config import EngineConfig
+    from kvshrink.predict.simulate import SimRequest, simulate
+    from kvshrink.predict.throughput import ServeSweep, load_profile, validate, validation_table
+    from tests.conftest import tiny_tokenizer
+
+    model, prof = _tiny_profile(tmp_path)
+    monkeypatch.setattr(bench_serve, "LaunchedServer", _InProcessServer)
+    _InProcessServer.launched = []
+    sweep = ServeSweep(requests=3, prompt=12, output=4, rates=(50.0, float("inf")), threads=1)
+    rows = validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val", serve=sweep,
+                    model_name="tiny", tokenizer=tiny_tokenizer())
+    assert [(r["method"], r["workload"]) for r in rows] == [
+        ("full", "decode-heavy=2x20x4"), ("full", "serve:3x12x4@rate=50"), ("full", "serve:3x12x4@rate=inf")]
+    assert [s.method for s in _InProcessServer.launched] == ["full"]  # one server per method, every rate
+    assert _InProcessServer.launched[0].popen_kw["env"]["OMP_NUM_THREADS"] == "1"
+    for r in rows:
+        for k in ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50"):
+            assert r[f"{k}_measured"] > 0 and r[f"{k}_predicted"] > 0
+            assert r[f"{k}_error"] == (r[f"{k}_predicted"] - r[f"{k}_measured"]) / r[f"{k}_measured"]
+    serve_rows = rows[1:]
+    assert all(r["prompt_tokens_server"] == r["prompt_tokens_simulated"] == 36 for r in serve_rows)
+    # the prediction of the all-at-once rate is the simulator on the same prompts, all arriving at 0
+    cfg, models = load_profile(prof)
+    direct = simulate(cfg, "full", [SimRequest(12, 4)] * 3, models["full"], EngineConfig(kv_memory="8MiB"))
+    assert serve_rows[1]["output_tokens_per_s_predicted"] == direct.output_tokens_per_s
+    # the engine run in this process has a CPU share, and a prediction from CPU time at that share;
+    # the in-process server has no process of its own to read, so none
+    engine_row = rows[0]
+    assert 0 < engine_row["cpu_share"] and engine_row["output_tokens_per_s_predicted_at_share"] > 0
+    assert engine_row["output_tokens_per_s_error_at_share"] == pytest.approx(
+        engine_row["output_tokens_per_s_predicted_at_share"] / engine_row["output_tokens_per_s_measured"] - 1)
+    assert all(r["cpu_share"] is None and "ttft_ms_p50_error_at_share" not in r for r in serve_rows)
+    table = validation_table(rows)
+    assert "| full | serve:3x12x4@rate=inf | - |" in table
+    assert "output_tokens_per_s (wall-clock profile): within 5% in" in table
+    assert "output_tokens_per_s (CPU-time profile at the run's share): within 5% in" in table
+    # a rerun resumes: nothing measured again, no server started
+    _InProcessServer.launched = []
+    again = validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val", serve=sweep,
+                     model_name="tiny", tokenizer=tiny_tokenizer())
+    assert again == rows and _InProcessServer.launched == []
+
+
+def test_validate_cli_arguments():
+    from kvshrink.cli import build_parser
+    from kvshrink.predict.commands import serve_sweep
+
+    a = build_parser().parse_args(["predict", "validate", "--profile", "p", "--threads", "1"])
+    assert a.serve_rates == "0.5,inf" and a.serve_workload == "8x320x48"
+    s = serve_sweep(a.serve_rates, a.serve_workload, 1)
+    assert (s.requests, s.prompt, s.output, s.rates, s.threads) == (8, 320, 48, (0.5, float("inf")), 1)
+    assert serve_sweep("none", "8x320x48", 1) is None
+    with pytest.raises(ValueError, match="REQUESTSxPROMPTxOUTPUT"):
+        serve_sweep("1", "8x320", 1)

@@ -80,3 +80,87 @@ def test_load_pairs_from_run_dirs(tmp_path):
     assert p0.prompt_lines == 2 and p0.question
     with pytest.raises(FileNotFoundError):
         load_pairs([tmp_path / "missing"])
+
+
+def test_scikit_learn_models_chosen_per_method_by_group_folds():
+    from sklearn.base import BaseEstimator
+
+    from kvshrink.predict.lengths import CANDIDATES, Candidate
+
+    recs = synthetic_records()
+    # a method that never drifts: its length is full's, so "same" (the simplest candidate) must win
+    recs += [{**r, "method": "int8"} for r in recs if r["method"] == "full"]
+    lp = LengthPredictor.fit(pairs_from_records(recs))
+    assert lp.chosen("int8") == Candidate("same")
+    # drift that depends on the reference length: only a learnt model can follow it
+    for m in ("snapkv:ratio=0.5", "snapkv:ratio=0.875"):
+        assert lp.chosen(m).learnt, (m, lp.cv_mae[m])
+        assert isinstance(lp.fitted.with_ref[lp.chosen(m)], BaseEstimator)
+    assert isinstance(lp.fitted.without_ref[lp.no_ref], BaseEstimator)
+    assert set(lp.cv_mae["int8"]) == {c.label for c in CANDIDATES}
+    # a method never seen in training takes the candidate best over all methods
+    assert lp.chosen("pyramidkv:ratio=0.5") == lp.default
+
+
+def test_folds_hold_out_every_method_of_a_prompt_together():
+    from kvshrink.predict.lengths import _group_splits
+
+    pairs = pairs_from_records(synthetic_records(20))
+    splits = _group_splits(pairs, 5, seed=0)
+    assert len(splits) == 5
+    seen = []
+    for tr, te in splits:
+        test_prompts = {pairs[i].prompt for i in te}
+        assert not test_prompts & {pairs[i].prompt for i in tr}
+        assert len(te) == len(test_prompts) * len(METHODS)  # all four methods of each held-out prompt
+        seen += list(te)
+    assert sorted(seen) == list(range(len(pairs)))
+    # shuffled: a different seed gives different folds
+    assert [sorted(te) for _, te in _group_splits(pairs, 5, seed=1)] != [sorted(te) for _, te in splits]
+
+
+def test_reference_at_the_limit_is_predicted_by_the_methods_censored_median():
+    from kvshrink.predict.lengths import MIN_AT_LIMIT, Candidate, Pair
+
+    def pair(i: int, ref: int, out: int) -> Pair:
+        return Pair("h2o:budget=64", "chat", f"p{i}", 40, ref, ref >= 128, 128, 2.0, out, "h2o", "fp")
+
+    free = [pair(i, 50 + i, 60 + i) for i in range(6)]
+    cut = [pair(10 + i, 128, o) for i, o in enumerate([128, 100, 90, 128, 70])]
+    assert len(cut) >= MIN_AT_LIMIT
+    lp = LengthPredictor.fit(free + cut, candidate=Candidate("ratio"))
+    # median of y / limit over the censored training pairs: [70, 90, 100, 128, 128] -> 100
+    assert lp.predict("h2o:budget=64", 40, "chat", 128, reference_tokens=128) == pytest.approx(100.0)
+    # an uncensored reference goes through the ratio model: r * exp(mean log(y / r)) over the free pairs
+    o = sum(math.log((60 + i) / (50 + i)) for i in range(6)) / 6
+    assert lp.predict("h2o:budget=64", 40, "chat", 128, reference_tokens=80) == pytest.approx(80 * math.exp(o))
+    # "same" ignores drift everywhere
+    same = LengthPredictor.fit(free + cut, candidate=Candidate("same"))
+    assert same.predict("h2o:budget=64", 40, "chat", 128, reference_tokens=128) == 128
+
+
+def test_compression_is_the_methods_storage_at_the_reference_length(tmp_path):
+    from kvshrink.predict.modelconfig import load_shape
+    from kvshrink.predict.storage import storage
+
+    recs = [{"method": "full", "task": "chat", "id": "0", "prompt_tokens": 40, "output_tokens": 100,
+             "max_new_tokens": 128, "finish_reason": "eos", "kv_bytes": 9, "kv_bytes_full": 9},
+            # a budget method's measured bytes follow its own (here: long) output: not a feature to use
+            {"method": "streamingllm:budget=64", "task": "chat", "id": "0", "prompt_tokens": 40,
+             "output_tokens": 128, "max_new_tokens": 128, "finish_reason": "length", "kv_bytes": 1,
+             "kv_bytes_full": 7}]
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "records.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (d / "config.json").write_text(json.dumps({"kind": "eval", "model": "smollm2-135m"}))
+    (p,) = load_pairs([d])
+    st = storage("streamingllm:budget=64", load_shape("smollm2-135m", "float32"))
+    # 140 tokens (prompt + full's output) against 64 kept: 140 / 64
+    assert p.compression == pytest.approx(st.compression(140, 40)) == pytest.approx(140 / 64)
+    (d / "config.json").write_text(json.dumps({"kind": "eval", "model": "/no/such/model"}))
+    assert load_pairs([d])[0].compression == 7.0  # no model config: the measured ratio
+
+
+def test_old_saved_format_is_refused():
+    with pytest.raises(ValueError, match="predict lengths --save"):
+        LengthPredictor.from_dict({"kind": "length_predictor", "vocab": {}, "with_ref": {}})

@@ -1,7 +1,7 @@
 """The simulator runs the engine's own scheduler and pool: same steps, same preemptions, and times
 that follow from the step costs exactly."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -31,13 +31,13 @@ class Flat:
 
 
 def test_hand_computed_schedule():
-    """Two prompts admitted together: prefills at t=1 and t=2 (one at a time), then decode steps of
-    0.5 s produce both sequences' tokens 2 and 3 at t=2.5 and t=3."""
+    """Two prompts admitted together: prefilled one at a time (1 s each), both first tokens returned
+    when the step ends at t=2; then decode steps of 0.5 s produce tokens 2 and 3 at t=2.5 and t=3."""
     model = tiny_model("llama")
     res = simulate(model.config, "full", [SimRequest(10, 3), SimRequest(10, 3)], Flat(),
                    EngineConfig(kv_memory="8MiB", block_size=8))
-    assert res.ttft_s == [1.0, 2.0] and res.e2e_s == [3.0, 3.0]
-    assert res.tpot_s == [1.0, 0.5] and sorted(res.itl_s) == [0.5, 0.5, 0.5, 1.5]
+    assert res.ttft_s == [2.0, 2.0] and res.e2e_s == [3.0, 3.0]
+    assert res.tpot_s == [0.5, 0.5] and res.itl_s == [0.5] * 4
     assert res.makespan_s == 3.0 and res.output_tokens_per_s == 2.0
     assert res.steps == 3 and res.peak_concurrency == 2 and res.preemptions == 0
     assert res.token_steps == {"0": [1, 2, 3], "1": [1, 2, 3]}
@@ -50,8 +50,43 @@ def test_arrivals_wait_for_their_time():
     assert res.ttft_s == [1.0, 1.0] and res.e2e_s == [1.5, 1.5] and res.makespan_s == 11.5
 
 
-def _engine_steps(model, spec, lengths, out, kv, evict_every=None):
-    eng = Engine(model, method=spec, kv_memory=kv, block_size=8, evict_every=evict_every)
+def test_a_prefill_delays_the_decode_tokens_of_its_step():
+    """A arrives at 0, B at 1.2. Step 1 prefills A (token at 1.0), step 2 decodes A (1.5); in step 3 B
+    has arrived: A's decode (0.5 s) and B's prefill (1 s) run in one step, and both tokens come back
+    when it ends, at 3.0. Then B decodes alone: 3.5, 4.0."""
+    model = tiny_model("llama")
+    res = simulate(model.config, "full", [SimRequest(10, 3, 0.0), SimRequest(10, 3, 1.2)], Flat(),
+                   EngineConfig(kv_memory="8MiB", block_size=8))
+    assert res.token_steps == {"0": [1, 2, 3], "1": [3, 4, 5]}
+    assert res.ttft_s == [1.0, pytest.approx(1.8)] and res.e2e_s == [3.0, pytest.approx(2.8)]
+    assert res.tpot_s == [1.0, 0.5] and res.itl_s == [0.5, 1.5, 0.5, 0.5]
+
+
+@dataclass
+class Reads(Flat):
+    """Records what each decode step reads, and charges it: 0.5 s + 1 ms per column."""
+
+    seen: list = field(default_factory=list)
+
+    def decode_read_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
+        self.seen.append((batch, kv_tokens, kv_read))
+        return self.decode + 1e-3 * kv_read
+
+
+def test_decode_cost_reads_every_sequence_padded_to_the_widest():
+    """A 10- and a 40-token prompt (blocks of 8) decode together: attention scores 48 columns for
+    each (the long one's 6 blocks once its 41st token has a block), not 10 + 40."""
+    model = tiny_model("llama")
+    costs = Reads()
+    res = simulate(model.config, "full", [SimRequest(10, 2), SimRequest(40, 2)], costs,
+                   EngineConfig(kv_memory="8MiB", block_size=8))
+    assert costs.seen == [(2, 50.0, 96.0)]
+    assert res.e2e_s == [pytest.approx(2.0 + 0.5 + 0.096)] * 2
+
+
+def _engine_steps(model, spec, lengths, out, kv, evict_every=None, max_prefill=4096, chunked=True):
+    eng = Engine(model, method=spec, kv_memory=kv, block_size=8, evict_every=evict_every,
+                 max_prefill_tokens=max_prefill, chunked_prefill=chunked)
     g = torch.Generator().manual_seed(0)
     for i, n in enumerate(lengths):
         eng.add_request(torch.randint(3, 128, (n,), generator=g).tolist(),
@@ -65,20 +100,23 @@ def _engine_steps(model, spec, lengths, out, kv, evict_every=None):
     return steps, eng.stats().preemptions
 
 
-@pytest.mark.parametrize("spec, kv", [
-    ("full", 512 * 220),  # ~2 sequences at final length: preemption by recompute
-    ("q8", 60000),
-    ("h2o:budget=16", 30000),  # rolling: cut back every evict_every steps
-    ("streamingllm:budget=16", 30000),
-    ("snapkv:budget=24,window=4", 40000),
+@pytest.mark.parametrize("spec, kv, max_prefill, chunked", [
+    ("full", 512 * 220, 4096, True),  # ~2 sequences at final length: preemption by recompute
+    ("full", 512 * 220, 4096, False),  # the engine without chunked prefill: one forward per prompt
+    ("full", 512 * 220, 48, True),  # prompts split over steps
+    ("full", 512 * 220, 48, False),  # at least one whole prompt a step
+    ("q8", 60000, 4096, True),
+    ("h2o:budget=16", 30000, 4096, True),  # rolling: cut back every evict_every steps
+    ("streamingllm:budget=16", 30000, 100, True),
+    ("snapkv:budget=24,window=4", 40000, 64, True),
 ])
-def test_engine_and_simulator_take_the_same_steps(spec, kv):
+def test_engine_and_simulator_take_the_same_steps(spec, kv, max_prefill, chunked):
     model = tiny_model("llama")
     m = method() if spec == "q8" else spec
     lengths, out = (60, 50, 70, 40, 65, 30), 40
-    real, preempted = _engine_steps(model, m, lengths, out, kv)
+    real, preempted = _engine_steps(model, m, lengths, out, kv, max_prefill=max_prefill, chunked=chunked)
     sim = simulate(model.config, m, [SimRequest(n, out) for n in lengths], Flat(),
-                   EngineConfig(kv_memory=kv, block_size=8))
+                   EngineConfig(kv_memory=kv, block_size=8, max_prefill_tokens=max_prefill, chunked_prefill=chunked))
     assert sim.token_steps == real
     assert sim.preemptions == preempted
     if spec == "full":
@@ -87,3 +125,22 @@ def test_engine_and_simulator_take_the_same_steps(spec, kv):
 
 def test_percentile_interpolates():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+
+
+@dataclass
+class PerToken(Flat):
+    def prefill_s(self, tokens: int) -> float:
+        return 0.01 * tokens
+
+
+def test_a_split_prompt_costs_its_chunks():
+    """100 prompt tokens, 60 a step (chunked): [0, 60) costs 0.6 s and samples nothing, [60, 100)
+    costs 1.0 - 0.6 = 0.4 s and gives the first token at 1.0; one decode step (0.5 s) follows."""
+    model = tiny_model("llama")
+    res = simulate(model.config, "full", [SimRequest(100, 2)], PerToken(),
+                   EngineConfig(kv_memory="8MiB", block_size=8, max_prefill_tokens=60))
+    assert res.token_steps == {"0": [2, 3]} and res.steps == 3
+    assert res.ttft_s == [pytest.approx(1.0)] and res.e2e_s == [pytest.approx(1.5)]
+    whole = simulate(model.config, "full", [SimRequest(100, 2)], PerToken(),
+                     EngineConfig(kv_memory="8MiB", block_size=8, max_prefill_tokens=60, chunked_prefill=False))
+    assert whole.token_steps == {"0": [1, 2]} and whole.ttft_s == [pytest.approx(1.0)]

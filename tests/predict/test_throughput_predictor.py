@@ -93,3 +93,28 @@ def test_advise_from_a_profile_uses_the_simulator(tmp_path):
     # the small pool admits more evicting sequences at once: the simulator says it is faster
     assert rows["streamingllm:budget=16"]["throughput_tok_s"]["value"] > rows["full"]["throughput_tok_s"]["value"]
     assert rows["full"]["negative_rate"]["kind"] == "measured"  # the reference, by definition
+
+
+def test_profile_measures_every_batch_size_of_a_ladder():
+    """One ladder: each batch size from the max down to 1 gets ``rounds x steps`` decode samples,
+    each prompt of the ladder a prefill sample; a rolling selector's cut-backs are evict points."""
+    from kvshrink.predict.costmodel import fit_points
+    from kvshrink.predict.profile import ProfileGrid, measure
+
+    model = tiny_model("llama")
+    grid = ProfileGrid(prefill=(8, 16), ladders=((4, 40),), steps=2, warmup=1, rounds=3, repeats=2)
+    for spec in ("full", "streamingllm:budget=16"):
+        pts = measure(model, spec, grid, progress=False)
+        pre = [p for p in pts if p["kind"] == "prefill"]
+        dec = [p for p in pts if p["kind"] == "decode"]
+        assert [(p["tokens"], len(p["samples"])) for p in pre] == [(8, 2), (16, 2), (40, 4)]
+        assert [p["batch"] for p in dec] == [4, 3, 2, 1] and all(len(p["samples"]) == 6 for p in dec)
+        assert all(p["seconds"] > 0 and p["kv_read"] >= p["kv_tokens"] > 0 for p in dec)
+        cuts = [p for p in pts if p["kind"] == "evict"]
+        if spec == "full":
+            assert cuts == [] and all(p["kv_tokens"] >= p["batch"] * 40 for p in dec)
+        else:  # held at 16 + at most one cadence (32) per layer
+            assert cuts and all(p["cuts"] > 0 for p in cuts)
+            assert all(p["kv_tokens"] <= p["batch"] * (16 + 32) for p in dec)
+        fit = fit_points(pts)[spec].fits["decode"]
+        assert fit.knots == (1, 2, 3, 4)
