@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from kvshrink.engine.pool import Growth, KVStore
-
-if TYPE_CHECKING:
-    from kvshrink.engine.attention import PrefillStaging
 
 
 @dataclass
@@ -90,3 +86,31 @@ def _commit_groups(encode: torch.Tensor, ring: int, device) -> list[list[CommitG
                     groups.append(CommitGroup(n, (col == n).nonzero().flatten().to(device)))
         out.append(groups)
     return out
+
+
+class PrefillStaging:
+    """A split prompt's full-precision keys and values per layer (``k``, ``v`` ``[L, Hkv, T, D]``, as the
+    attention modules pass them) and the last queries each layer's selector observes (``q[l]``
+    ``[Hq, n_l, D]``, positions ``q_start[l] ..``), filled chunk by chunk until its last chunk stores
+    the prompt into its pool blocks.
+
+    It lives *outside* the pool (the pool's blocks for the prompt are taken at admission, as for an
+    unchunked one, and hold encoded bytes only): one such buffer per prompt in flight, held by its
+    ``Request`` and dropped when its prefill ends, it is preempted, or it finishes. The scheduler
+    continues a prompt in flight before it admits another, so at most one is in flight at a time:
+    the extra memory is bounded by one prompt's full-precision KV (plus observed queries)."""
+
+    def __init__(self, store: KVStore, total: int):
+        st, sel = store, store.method.selector
+        self.total = total
+        kv_heads = st.H // st.expand
+        self.k = torch.empty(st.L, kv_heads, total, st.D, dtype=st.dtype, device=st.device)
+        self.v = torch.empty_like(self.k)
+        n_obs = [min(total, sel.prefill_queries(total, layer, st.L)) if st.selects[layer] else 0
+                 for layer in range(st.L)]
+        self.q = [torch.empty(st.Hq, n, st.D, dtype=st.dtype, device=st.device) for n in n_obs]
+        self.q_start = [total - n for n in n_obs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, *self.q))

@@ -25,8 +25,7 @@ import uuid
 
 import torch
 
-from kvshrink.engine.attention import PrefillStaging
-from kvshrink.engine.batch import DecodeBatch, PrefillSegment
+from kvshrink.engine.batch import DecodeBatch, PrefillSegment, PrefillStaging
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.eviction import evict_due
 from kvshrink.engine.pool import KVStore

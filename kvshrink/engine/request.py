@@ -38,7 +38,7 @@ class Request:
     # ``prefilled`` of them scheduled so far; it decodes once they are equal
     prefill_len: int = 0
     prefilled: int = 0
-    # full-precision keys/values of the chunks of a split prompt that ran (``attention.PrefillStaging``),
+    # full-precision keys/values of the chunks of a split prompt that ran (``batch.PrefillStaging``),
     # outside the pool, from its first chunk to its last; dropped on preemption and finish
     staging: object | None = None
 
