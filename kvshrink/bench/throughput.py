@@ -34,6 +34,15 @@ WORKLOADS = {  # name: (requests, prompt, output) at default size / --quick; --w
 }
 
 
+def parse_size(size: str) -> tuple[int, int, int]:
+    """``"64x512x256"`` -> (requests, prompt tokens, output tokens), each >= 1; ValueError otherwise."""
+    parts = size.lower().split("x")
+    n, p, o = (int(x) for x in parts) if len(parts) == 3 else (0, 0, 0)
+    if min(n, p, o) < 1:
+        raise ValueError(f"bad size {size!r}: want REQUESTSxPROMPTxOUTPUT, each >= 1")
+    return n, p, o
+
+
 def parse_workloads(specs: list[str] | None, quick: bool) -> dict[str, tuple[int, int, int]]:
     """``["decode-heavy", "long-prompt=32x2048x128"]`` -> {name: (requests, prompt, output)}."""
     out = {}
@@ -43,11 +52,9 @@ def parse_workloads(specs: list[str] | None, quick: bool) -> dict[str, tuple[int
             raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
         if size:
             try:
-                n, p, o = (int(x) for x in size.lower().split("x"))
-                assert n >= 1 and p >= 1 and o >= 1
-            except (ValueError, AssertionError):
+                out[name] = parse_size(size)
+            except ValueError:
                 raise SystemExit(f"bad workload size {size!r}: want REQUESTSxPROMPTxOUTPUT, e.g. 64x512x512") from None
-            out[name] = (n, p, o)
         else:
             out[name] = WORKLOADS[name][1 if quick else 0]
     return out

@@ -94,15 +94,15 @@ def parse_workload(spec: str) -> Workload:
     name, eq, size = spec.partition("=")
     if not eq and "x" in spec and spec.replace("x", "").isdigit():
         name, size = "custom", spec
+    from kvshrink.bench.throughput import WORKLOADS, parse_size
+
     if size:
         try:
-            n, p, o = (int(x) for x in size.lower().split("x"))
+            n, p, o = parse_size(size)
         except ValueError:
-            raise ValueError(f"workload {spec!r}: want NAME=REQUESTSxPROMPTxOUTPUT, e.g. chat=64x512x256") from None
-        if min(n, p, o) < 1:
-            raise ValueError(f"workload {spec!r}: requests, prompt and output must be >= 1")
+            raise ValueError(f"workload {spec!r}: want NAME=REQUESTSxPROMPTxOUTPUT, requests, prompt and output "
+                             ">= 1, e.g. chat=64x512x256") from None
         return Workload(name, n, p, o)
-    from kvshrink.bench.throughput import WORKLOADS
 
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; give NAME=NxPxO or one of {', '.join(WORKLOADS)}")

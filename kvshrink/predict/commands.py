@@ -141,16 +141,9 @@ def run_throughput_roofline(a) -> int:
 
 def _config_dict(name_or_path: str) -> dict:
     """The config.json behind ``load_shape``'s argument, as a dict (the simulator builds its pool from it)."""
-    from pathlib import Path
+    from kvshrink.predict.modelconfig import load_config
 
-    from kvshrink.predict.modelconfig import CONFIG_DIR
-
-    p = Path(name_or_path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        p = CONFIG_DIR / f"{name_or_path.lower().split('/')[-1].removeprefix('meta-')}.json"
-    d = json.loads(p.read_text())
+    d, _ = load_config(name_or_path)
     return d.get("text_config", d) if isinstance(d.get("text_config"), dict) else d
 
 
@@ -257,16 +250,16 @@ def _drift(figs, length_model: str | None, wl) -> dict[str, float]:
 def serve_sweep(rates: str | None, workload: str, threads: int | None):
     """``--serve-rates``/``--serve-workload`` as a ``ServeSweep`` (None: no sweep through the server)."""
     from kvshrink.bench.serve import parse_rates
+    from kvshrink.bench.throughput import parse_size
     from kvshrink.predict.throughput import ServeSweep
 
     if rates is None or rates.strip().lower() in ("", "none", "off"):
         return None
     try:
-        n, p, o = (int(x) for x in workload.lower().split("x"))
+        n, p, o = parse_size(workload)
     except ValueError:
-        raise ValueError(f"--serve-workload {workload!r}: want REQUESTSxPROMPTxOUTPUT, e.g. 8x320x48") from None
-    if min(n, p, o) < 1:
-        raise ValueError(f"--serve-workload {workload!r}: every figure must be >= 1")
+        raise ValueError(f"--serve-workload {workload!r}: want REQUESTSxPROMPTxOUTPUT (each >= 1), "
+                         "e.g. 8x320x48") from None
     return ServeSweep(requests=n, prompt=p, output=o, rates=tuple(parse_rates(rates)), threads=threads)
 
 

@@ -139,8 +139,9 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def load_shape(name_or_path: str, dtype: str | None = None) -> ModelShape:
-    """A shipped config by name (``llama-3.1-8b``), a ``config.json`` path, or a directory holding one."""
+def load_config(name_or_path: str) -> tuple[dict, Path]:
+    """The config.json of a shipped config by name (``llama-3.1-8b``), a ``config.json`` path, or a
+    directory holding one, as a dict, and where it was read."""
     p = Path(name_or_path)
     if p.is_dir():
         p = p / "config.json"
@@ -151,7 +152,12 @@ def load_shape(name_or_path: str, dtype: str | None = None) -> ModelShape:
                                     f"directory, or one of {', '.join(shipped_configs())}")
         p = shipped
     try:
-        cfg = json.loads(p.read_text())
+        return json.loads(p.read_text()), p
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+
+def load_shape(name_or_path: str, dtype: str | None = None) -> ModelShape:
+    """A shipped config by name (``llama-3.1-8b``), a ``config.json`` path, or a directory holding one."""
+    cfg, p = load_config(name_or_path)
     return shape_from_config(cfg, name=p.parent.name if p.name == "config.json" else p.stem, dtype=dtype)
