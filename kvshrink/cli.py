@@ -111,12 +111,15 @@ def _add_bench(sub) -> None:
     _add_bench_serve(bsub)
 
 
-def _engine_prefill_args(p) -> None:
+def _engine_args(p) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prompt tokens prefilled per engine step, over all prompts (default 4096)")
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill each prompt whole in its own forward instead of in chunks packed with the "
                         "decode tokens into one forward per step")
+    p.add_argument("--no-packed-linear", action="store_true",
+                   help="CPU: run the model's linear layers through stock F.linear (HF generate's kernels) "
+                        "instead of oneDNN on weights packed once")
 
 
 def _add_bench_throughput(bsub) -> None:
@@ -137,7 +140,7 @@ def _add_bench_throughput(bsub) -> None:
     p.add_argument("--trace", default=None, help="JSONL trace ({prompt_tokens, output_tokens, arrival_s}) instead of "
                                                    "workloads: the file `predict throughput --workload trace:FILE` takes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")
-    _engine_prefill_args(p)
+    _engine_args(p)
     _ray_args(p, "(method, workload)", timing=True)
 
     def run(a):
@@ -201,7 +204,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=None)
-    _engine_prefill_args(p)
+    _engine_args(p)
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get after SIGTERM")
 
     def run(a):

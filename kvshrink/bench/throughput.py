@@ -82,12 +82,13 @@ def _fp_token_bytes(model) -> int:
 
 
 def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 32, max_batch: int = 256,
-               progress=None, max_prefill_tokens: int = 4096, chunked_prefill: bool = True) -> dict:
+               progress=None, max_prefill_tokens: int = 4096, chunked_prefill: bool = True,
+               packed_linear: bool = True) -> dict:
     """Run all requests through the engine (all arriving at once: saturation); returns the
     measurements of one run, TTFT percentiles included (from arrival to the step that returns the
     first token)."""
     eng = Engine(model, tok, method=method, kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
-                 max_prefill_tokens=max_prefill_tokens, chunked_prefill=chunked_prefill)
+                 max_prefill_tokens=max_prefill_tokens, chunked_prefill=chunked_prefill, packed_linear=packed_linear)
     reset_timers()
     arrival = {eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True)): time.perf_counter()
                for p, o in reqs}
@@ -139,7 +140,7 @@ def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 
         "time_breakdown_s": _breakdown(t),
         "ttft_ms_p50": _ms(percentile(list(ttft.values()), 50)), "ttft_ms_p90": _ms(percentile(list(ttft.values()), 90)),
         "itl_ms_p99": _ms(percentile(itl, 99)), "itl_ms_max": _ms(max(itl, default=None)),
-        "chunked_prefill": chunked_prefill, "max_prefill_tokens": max_prefill_tokens,
+        "chunked_prefill": chunked_prefill, "max_prefill_tokens": max_prefill_tokens, "packed_linear": packed_linear,
     }
 
 
@@ -263,7 +264,8 @@ def plan(a) -> tuple[dict, list[dict]]:
         raise SystemExit("--reference-kv-memory applies to serving and trace runs (a pool that admits requests)")
     config["reference_kv_memory"] = reference
     engine = {"max_prefill_tokens": getattr(a, "max_prefill_tokens", None) or 4096,
-              "chunked_prefill": not getattr(a, "no_chunked_prefill", False)}
+              "chunked_prefill": not getattr(a, "no_chunked_prefill", False),
+              "packed_linear": not getattr(a, "no_packed_linear", False)}
     config["engine"] = engine
     for u in units:
         if u["kind"] in ("serving", "point"):

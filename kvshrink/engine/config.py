@@ -19,6 +19,9 @@ class EngineConfig:
     chunks over several steps, and a step's decode tokens and prefill chunks run in one packed forward;
     off: each admitted prompt runs whole in a forward of its own after the decode forward (at least
     one prompt per step, whatever its length), the engine's behaviour before chunking.
+    ``packed_linear`` (default on; CPU only): the model's linear layers run through oneDNN on weights
+    packed once (``kvshrink.engine.linear``), at the cost of a packed copy of those weights; off: stock
+    ``F.linear``, the kernels HF ``generate`` uses.
     ``evict_every``: decode steps between two cuts of a rolling selector (default ``block_size``;
     1 reproduces the HF path, which cuts at every step)."""
 
@@ -27,6 +30,7 @@ class EngineConfig:
     max_batch: int = 256
     max_prefill_tokens: int = 4096
     chunked_prefill: bool = True
+    packed_linear: bool = True
     evict_every: int | None = None
 
     def resolved(self, codec: Codec) -> EngineConfig:
@@ -36,8 +40,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.chunked_prefill, bool):
-            raise ValueError(f"chunked_prefill must be a bool, got {self.chunked_prefill!r}")
+        for name in ("chunked_prefill", "packed_linear"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.evict_every is not None and (not isinstance(self.evict_every, int) or self.evict_every < 1):
             raise ValueError(f"evict_every must be an integer >= 1 or None, got {self.evict_every!r}")
         block = self.block_size

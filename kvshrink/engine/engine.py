@@ -28,6 +28,7 @@ import torch
 from kvshrink.engine.batch import DecodeBatch, PrefillSegment, PrefillStaging
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.eviction import evict_due
+from kvshrink.engine.linear import PackedLinears, packing_available
 from kvshrink.engine.pool import KVStore
 from kvshrink.engine.request import Request, RequestStatus
 from kvshrink.engine.runner import ModelRunner
@@ -56,11 +57,12 @@ class Engine:
     def __init__(self, model, tokenizer=None, method: str | CompressionMethod = "full",
                  kv_memory: int | str = "1GiB", block_size: int = 32, max_batch: int = 256,
                  max_prefill_tokens: int = 4096, device=None, evict_every: int | None = None,
-                 config: EngineConfig | None = None, chunked_prefill: bool = True):
+                 config: EngineConfig | None = None, chunked_prefill: bool = True,
+                 packed_linear: bool = True):
         self.method = parse(method)
         cfg = config or EngineConfig(kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
                                      max_prefill_tokens=max_prefill_tokens, evict_every=evict_every,
-                                     chunked_prefill=chunked_prefill)
+                                     chunked_prefill=chunked_prefill, packed_linear=packed_linear)
         self.cfg = cfg = cfg.resolved(self.method.codec)
         if device is not None:
             model = model.to(device)
@@ -71,7 +73,9 @@ class Engine:
         self.block_size, self.evict_every = cfg.block_size, cfg.evict_every
         self.store = KVStore(self.config, self.method, cfg.kv_memory, cfg.block_size, cfg.max_batch, self.dtype,
                              self.device)
-        self.runner = ModelRunner(model, self.store)
+        linears = PackedLinears(model, min(cfg.max_batch, 64)) \
+            if cfg.packed_linear and packing_available(self.device) else None
+        self.runner = ModelRunner(model, self.store, linears)
         self.scheduler = Scheduler(self.store, min(cfg.max_batch, self.store.max_slots), cfg.max_prefill_tokens,
                                    chunked=cfg.chunked_prefill)
         self.max_context = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)

@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 
 from kvshrink.engine.attention import attend_causal, decode_attention, prefill_attention
 from kvshrink.engine.batch import DecodeBatch, PrefillSegment
+from kvshrink.engine.linear import PackedLinears
 from kvshrink.engine.pool import KVStore
 from kvshrink.errors import CompressionNotInEffect, untested_transformers
 from kvshrink.layer_types import check_call
@@ -76,17 +77,19 @@ AttentionInterface.register(ATTN_NAME, paged_attention)
 
 
 class ModelRunner:
-    def __init__(self, model, store: KVStore):
-        self.model, self.store = model, store
+    def __init__(self, model, store: KVStore, linears: PackedLinears | None = None):
+        self.model, self.store, self.linears = model, store, linears
         self.device = store.device
 
     @contextlib.contextmanager
     def attention(self):
+        """The engine's attention function, and the packed linear layers if any, for the duration."""
         prev = self.model.config._attn_implementation
         if prev != ATTN_NAME:
             self.model.set_attn_implementation(ATTN_NAME)
         try:
-            yield
+            with self.linears.active() if self.linears is not None else contextlib.nullcontext():
+                yield
         finally:
             if prev != ATTN_NAME:
                 self.model.set_attn_implementation(prev)

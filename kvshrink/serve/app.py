@@ -539,6 +539,8 @@ def serve(args) -> int:
         kw["max_prefill_tokens"] = args.max_prefill_tokens
     if getattr(args, "no_chunked_prefill", False):
         kw["chunked_prefill"] = False
+    if getattr(args, "no_packed_linear", False):
+        kw["packed_linear"] = False
     engine = Engine(model, tokenizer=tok, **kw)
     name = args.served_model_name or args.model
     app = create_app(engine, tok, model_name=name, method=args.method, max_waiting=args.max_waiting,
