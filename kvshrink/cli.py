@@ -120,6 +120,9 @@ def _engine_args(p) -> None:
     p.add_argument("--no-packed-linear", action="store_true",
                    help="CPU: run the model's linear layers through stock F.linear (HF generate's kernels) "
                         "instead of oneDNN on weights packed once")
+    p.add_argument("--no-paged-kernels", action="store_true",
+                   help="CPU: gather and decode KV blocks in eager PyTorch before attending, instead of the "
+                        "compiled kernels that read them in place")
 
 
 def _add_bench_throughput(bsub) -> None:

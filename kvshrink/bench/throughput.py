@@ -82,13 +82,15 @@ def _fp_token_bytes(model) -> int:
 
 
 def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 32, max_batch: int = 256,
-               progress=None, max_prefill_tokens: int = 4096, chunked_prefill: bool = True,
-               packed_linear: bool = True) -> dict:
+               progress=None, **engine_options) -> dict:
     """Run all requests through the engine (all arriving at once: saturation); returns the
     measurements of one run, TTFT percentiles included (from arrival to the step that returns the
-    first token)."""
+    first token). ``engine_options``: more ``Engine`` arguments (``max_prefill_tokens``,
+    ``chunked_prefill``, ``packed_linear``, ``paged_kernels``), recorded in the row."""
     eng = Engine(model, tok, method=method, kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
-                 max_prefill_tokens=max_prefill_tokens, chunked_prefill=chunked_prefill, packed_linear=packed_linear)
+                 **engine_options)
+    options = {k: getattr(eng.cfg, k) for k in ("max_prefill_tokens", "chunked_prefill", "packed_linear",
+                                                 "paged_kernels")}
     reset_timers()
     arrival = {eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True)): time.perf_counter()
                for p, o in reqs}
@@ -132,7 +134,7 @@ def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 
         "prefill_tokens_per_s": s.prompt_tokens / prefill_t if prefill_t else None,
         # chunked prefill packs decode tokens into the prefill steps ("mixed"): decode tok/s is then
         # that of the steps that decode alone
-        "decode_tokens_per_s": ((pure_decode_tokens if chunked_prefill else gen - n_prefills) / decode_t
+        "decode_tokens_per_s": ((pure_decode_tokens if options["chunked_prefill"] else gen - n_prefills) / decode_t
                                 if decode_t else None),
         "mixed_s": t.get("mixed", 0.0),
         "peak_concurrency": peak_c, "peak_kv_bytes": peak_b, "kv_bytes_total": s.kv_bytes_total,
@@ -140,7 +142,7 @@ def run_engine(model, tok, method: str, reqs, kv_memory: int, block_size: int = 
         "time_breakdown_s": _breakdown(t),
         "ttft_ms_p50": _ms(percentile(list(ttft.values()), 50)), "ttft_ms_p90": _ms(percentile(list(ttft.values()), 90)),
         "itl_ms_p99": _ms(percentile(itl, 99)), "itl_ms_max": _ms(max(itl, default=None)),
-        "chunked_prefill": chunked_prefill, "max_prefill_tokens": max_prefill_tokens, "packed_linear": packed_linear,
+        **options,
     }
 
 
@@ -176,12 +178,13 @@ def run_hf(model, reqs) -> dict:
             "peak_concurrency": 1}
 
 
-def decode_step_ms(model, method: str, batch: int, context: int, steps: int, vocab: int) -> dict:
-    """Mean wall time of an engine decode step with ``batch`` sequences at ``context`` tokens."""
+def decode_step_ms(model, method: str, batch: int, context: int, steps: int, vocab: int, **engine_options) -> dict:
+    """Mean wall time of an engine decode step with ``batch`` sequences at ``context`` tokens
+    (``engine_options``: more ``Engine`` arguments, e.g. ``paged_kernels=False``)."""
     reqs = _requests(batch, context, steps + 4, vocab, seed=1)
     reqs = [(p[:context] + [5] * max(0, context - len(p)), steps + 4) for p, _ in reqs]
     kv = int(batch * (context + steps + 8) * _fp_token_bytes(model) * 1.3) + (64 << 20)
-    eng = Engine(model, method=method, kv_memory=kv, max_batch=batch)
+    eng = Engine(model, method=method, kv_memory=kv, max_batch=batch, **engine_options)
     for p, o in reqs:
         eng.add_request(p, SamplingParams(max_tokens=o, ignore_eos=True))
     while len([r for r in eng.scheduler.running if r.output]) < batch or eng.scheduler.waiting:
@@ -265,10 +268,11 @@ def plan(a) -> tuple[dict, list[dict]]:
     config["reference_kv_memory"] = reference
     engine = {"max_prefill_tokens": getattr(a, "max_prefill_tokens", None) or 4096,
               "chunked_prefill": not getattr(a, "no_chunked_prefill", False),
-              "packed_linear": not getattr(a, "no_packed_linear", False)}
+              "packed_linear": not getattr(a, "no_packed_linear", False),
+              "paged_kernels": not getattr(a, "no_paged_kernels", False)}
     config["engine"] = engine
     for u in units:
-        if u["kind"] in ("serving", "point"):
+        if u["kind"] in ("serving", "point", "step"):
             u["engine"] = engine
     return config, _with_reference(units, reference)
 
@@ -312,7 +316,7 @@ def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool =
         row = run_engine(model, tok, u["method"], reqs, kv, **u.get("engine", {}))
         row.update(workload=u["workload"], batch=b, context=ctx)
         return row
-    return decode_step_ms(model, u["method"], u["batch"], u["context"], u["steps"], vocab)
+    return decode_step_ms(model, u["method"], u["batch"], u["context"], u["steps"], vocab, **u.get("engine", {}))
 
 
 def run_throughput(a) -> int:

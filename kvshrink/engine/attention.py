@@ -115,21 +115,29 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
     nb, width = batch.blocks[layer], batch.width[layer]
     n = batch.stored[:, layer]
     q = query.view(B, H, g, D)
+    kread, vread = st.k_reader, st.v_reader
     if nb:
-        with timed("decode.gather_dequant"):
-            ids = batch.tables[:, layer, :nb].reshape(-1)
-            kb = st.read_blocks("k", ids).view(B, nb, H, bs, D)
-            vb = st.read_blocks("v", ids).view(B, nb, H, bs, D)
+        tables = batch.tables[:, layer, :nb]
+        with timed("decode.gather_dequant"):  # only what no kernel reads in place
+            ids = tables.reshape(-1)
+            kb = st.read_blocks("k", ids).view(B, nb, H, bs, D) if kread is None else None
+            vb = st.read_blocks("v", ids).view(B, nb, H, bs, D) if vread is None else None
     with timed("decode.attend"):
         # scaled (and soft-capped) logits in stored order, a scratch column, and a sink column if any
         extra = 2 if sinks is not None else 1
         logits = torch.full((B, H, g, width + extra), float("-inf"), dtype=torch.float32, device=q.device)
         pos = torch.arange(nb * bs, device=q.device)
         if nb:
-            block_logits = torch.matmul(q[:, None], kb.transpose(-1, -2)).float()  # [B, nb, H, g, bs]
-            block_logits = cap(block_logits.permute(0, 2, 3, 1, 4).reshape(B, H, g, nb * bs) * scaling, softcap)
             kvalid = pos[None, :] < batch.encoded_k[:, layer, None]
-            logits[..., : nb * bs] = block_logits.masked_fill(~kvalid[:, None, None, :], float("-inf"))
+            if kread is not None:  # scaled logits straight into place, -inf past each row's blocks
+                kread.scores(q, tables, batch.encoded_k[:, layer], logits, scaling)
+                if softcap is not None:
+                    logits[..., : nb * bs] = cap(logits[..., : nb * bs], softcap).masked_fill(
+                        ~kvalid[:, None, None, :], float("-inf"))
+            else:
+                block_logits = torch.matmul(q[:, None], kb.transpose(-1, -2)).float()  # [B, nb, H, g, bs]
+                block_logits = cap(block_logits.permute(0, 2, 3, 1, 4).reshape(B, H, g, nb * bs) * scaling, softcap)
+                logits[..., : nb * bs] = block_logits.masked_fill(~kvalid[:, None, None, :], float("-inf"))
         if st.k.ring:
             kr = st.kres[layer].index_select(0, batch.slots_d)  # [B, H, ring, D]
             tk = ring_positions(batch, "k", layer, st.k.ring, width)
@@ -149,7 +157,9 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
             st.selector_states[layer].observe(batch.slots_d, probs[..., :width].reshape(B, Hq, width))
         p = probs.to(value.dtype)
         out = p.gather(3, n[:, None, None, None].expand(B, H, g, 1)) * value  # [B, H, g, D]
-        if nb:
+        if nb and vread is not None:
+            out = out + vread.values(probs, tables, batch.encoded_v[:, layer]).to(out.dtype)
+        elif nb:
             vvalid = pos[None, :] < batch.encoded_v[:, layer, None]
             pb = p[..., : nb * bs].masked_fill(~vvalid[:, None, None, :], 0.0)
             pb = pb.view(B, H, g, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, H, g, bs]

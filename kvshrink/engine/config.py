@@ -22,6 +22,9 @@ class EngineConfig:
     ``packed_linear`` (default on; CPU only): the model's linear layers run through oneDNN on weights
     packed once (``kvshrink.engine.linear``), at the cost of a packed copy of those weights; off: stock
     ``F.linear``, the kernels HF ``generate`` uses.
+    ``paged_kernels`` (default on; CPU only): decode attention reads blocks in place through the
+    compiled kernels of ``kvshrink.engine.kernels`` where the codec's layout allows; off: gather and
+    decode the blocks in eager PyTorch (the reference path).
     ``evict_every``: decode steps between two cuts of a rolling selector (default ``block_size``;
     1 reproduces the HF path, which cuts at every step)."""
 
@@ -31,6 +34,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     chunked_prefill: bool = True
     packed_linear: bool = True
+    paged_kernels: bool = True
     evict_every: int | None = None
 
     def resolved(self, codec: Codec) -> EngineConfig:
@@ -40,7 +44,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("chunked_prefill", "packed_linear"):
+        for name in ("chunked_prefill", "packed_linear", "paged_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.evict_every is not None and (not isinstance(self.evict_every, int) or self.evict_every < 1):

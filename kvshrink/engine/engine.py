@@ -58,11 +58,12 @@ class Engine:
                  kv_memory: int | str = "1GiB", block_size: int = 32, max_batch: int = 256,
                  max_prefill_tokens: int = 4096, device=None, evict_every: int | None = None,
                  config: EngineConfig | None = None, chunked_prefill: bool = True,
-                 packed_linear: bool = True):
+                 packed_linear: bool = True, paged_kernels: bool = True):
         self.method = parse(method)
         cfg = config or EngineConfig(kv_memory=kv_memory, block_size=block_size, max_batch=max_batch,
                                      max_prefill_tokens=max_prefill_tokens, evict_every=evict_every,
-                                     chunked_prefill=chunked_prefill, packed_linear=packed_linear)
+                                     chunked_prefill=chunked_prefill, packed_linear=packed_linear,
+                                     paged_kernels=paged_kernels)
         self.cfg = cfg = cfg.resolved(self.method.codec)
         if device is not None:
             model = model.to(device)
@@ -72,7 +73,7 @@ class Engine:
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.block_size, self.evict_every = cfg.block_size, cfg.evict_every
         self.store = KVStore(self.config, self.method, cfg.kv_memory, cfg.block_size, cfg.max_batch, self.dtype,
-                             self.device)
+                             self.device, paged_kernels=cfg.paged_kernels)
         linears = PackedLinears(model, min(cfg.max_batch, 64)) \
             if cfg.packed_linear and packing_available(self.device) else None
         self.runner = ModelRunner(model, self.store, linears)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kvshrink.engine.kernels import block_reader
 from kvshrink.layer_types import layer_types
 from kvshrink.methods import CompressionMethod
 from kvshrink.methods.base import (
@@ -186,7 +187,7 @@ class KVStore:
     """The pool's tensors and every sequence's storage, indexed by *slot* (one per admitted sequence)."""
 
     def __init__(self, config, method: CompressionMethod, kv_memory: int, block_size: int, max_slots: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, paged_kernels: bool = False):
         self.method = method
         self.types = layer_types(config)
         for enc in (method.codec.key_encoder(), method.codec.value_encoder()):
@@ -235,6 +236,13 @@ class KVStore:
                      if self.k.ring else None)
         self.vres = (torch.zeros(self.L, S, self.H, self.v.ring, self.D, dtype=dtype, device=device)
                      if self.v.ring else None)
+        # kernels that attend over blocks in place (None: gather and decode them)
+        self.k_reader = self.v_reader = None
+        if paged_kernels:
+            self.k_reader = block_reader(self.k.enc, self.kf, self.H, self.D, block_size, dtype, device)
+            self.v_reader = block_reader(self.v.enc, self.vf, self.H, self.D, block_size, dtype, device)
+            if self.v_reader is not None and not self.v_reader.can_weight:
+                self.v_reader = None
         self._free_slots = list(range(S - 1, -1, -1))
         max_ctx = int(getattr(config, "max_position_embeddings", 0) or 1 << 15)
         self.max_blocks_per_layer = min(-(-max_ctx // block_size) + 2, self.num_blocks + 1)

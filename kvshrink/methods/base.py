@@ -61,6 +61,22 @@ class FieldLayout:
         return (*s[: self.tok_dim], chunks, *s[self.tok_dim :])
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How one stored token of one head lies in a payload, for kernels that read blocks in place
+    without decoding them (``kvshrink.engine.kernels``).
+
+    ``bits=0``: the token as-is, field ``x`` ``[.., H, T, D]``. Otherwise codes ``q`` ``[.., H, T, D*bits/8]``
+    bit-packed along the head dim (``methods.quant.pack``) with float16 ``scale`` (and ``zero`` unless
+    ``symmetric``) per group: ``group`` tokens of one channel (``per_channel``, ``[.., H, T/group, D]``)
+    or ``group`` channels of one token (``[.., H, T, D/group]``)."""
+
+    bits: int = 0
+    group: int = 0
+    per_channel: bool = False
+    symmetric: bool = False
+
+
 class Encoder:
     """Encodes a chunk of tokens of one tensor (keys or values) and decodes it back.
 
@@ -94,6 +110,11 @@ class Encoder:
     def bytes_per_token(self, head_dim: int, dtype_bytes: int) -> float:
         """Steady-state storage of one token of one head, in bytes (codes + amortised metadata)."""
         raise NotImplementedError
+
+    def row_format(self, head_dim: int) -> RowFormat | None:
+        """The payload's layout if it is one a block kernel reads in place; None (the default): the
+        engine decodes blocks with ``decode`` before attending."""
+        return None
 
 
 @dataclass(frozen=True)

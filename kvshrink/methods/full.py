@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvshrink.methods.base import Codec, Encoder, FieldLayout, Payload, Selector
+from kvshrink.methods.base import Codec, Encoder, FieldLayout, Payload, RowFormat, Selector
 from kvshrink.methods.registry import register
 
 
@@ -33,6 +33,9 @@ class Identity(Encoder):
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int) -> float:
         return head_dim * dtype_bytes
+
+    def row_format(self, head_dim: int) -> RowFormat:
+        return RowFormat()
 
 
 @register

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvshrink.methods.base import Encoder, FieldLayout, Payload
+from kvshrink.methods.base import Encoder, FieldLayout, Payload, RowFormat
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI and llama.cpp store them
 _TINY = 1e-8
@@ -156,6 +156,11 @@ class GroupQuantEncoder(Encoder):
         else:
             x = dequantize_asym(qg, scale, p["zero"].unsqueeze(dim), work)
         return x.reshape(q.shape).to(dtype)
+
+    def row_format(self, head_dim: int) -> RowFormat:
+        per_channel = self.along == "tokens"
+        group = self.group if per_channel else channel_group(self.group, head_dim)
+        return RowFormat(self.bits, group, per_channel, self.symmetric)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int) -> float:
         tensors = 1 if self.symmetric else 2

@@ -541,6 +541,8 @@ def serve(args) -> int:
         kw["chunked_prefill"] = False
     if getattr(args, "no_packed_linear", False):
         kw["packed_linear"] = False
+    if getattr(args, "no_paged_kernels", False):
+        kw["paged_kernels"] = False
     engine = Engine(model, tokenizer=tok, **kw)
     name = args.served_model_name or args.model
     app = create_app(engine, tok, model_name=name, method=args.method, max_waiting=args.max_waiting,

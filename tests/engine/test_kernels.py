@@ -1,0 +1,91 @@
+"""The paged CPU kernels against the eager reference: scores and weighted values read in place from
+encoded blocks equal those of the decoded blocks, never read past a row's valid tokens, and the
+engine's tokens do not depend on them."""
+
+import pytest
+import torch
+
+from kvshrink.engine import Engine, SamplingParams
+from kvshrink.engine.kernels import block_reader, library
+from kvshrink.methods import parse
+from tests.conftest import tiny_model
+
+H, G, D, BS = 2, 3, 64, 32
+CPU = torch.device("cpu")
+
+
+def test_the_kernels_build_here():
+    assert library() is not None, "g++ and torch's headers are on every machine this project runs on"
+
+
+def encoded_blocks(enc, n_blocks, seed=0):
+    """Blocks 0..n_blocks-1 as the pool lays them out (an encoder's payload of a [N, H, bs, D] batch
+    is the pool's [N, block] layout), block 0 poisoned with NaN: tables point there past each row's end."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_blocks, H, BS, D, generator=g) * torch.linspace(0.2, 3, D)  # channel outliers, as keys have
+    fields = {k: v.contiguous() for k, v in enc.encode(x).items()}
+    decoded = enc.decode(fields, torch.float32)
+    for t in fields.values():
+        t[0] = float("nan") if t.is_floating_point() else t[0]
+    decoded[0] = float("nan")
+    if "scale" not in fields:
+        fields["x"][0] = float("nan")
+    return fields, decoded
+
+
+CASES = ["full", "kivi:bits=4", "kivi:bits=2", "int8", "int4", "int4:group=32"]
+
+
+@pytest.mark.parametrize("spec", CASES)
+@pytest.mark.parametrize("side", ["k", "v"])
+def test_reads_blocks_in_place_as_the_decoded_reference(spec, side):
+    codec = parse(spec).codec
+    enc = codec.key_encoder() if side == "k" else codec.value_encoder()
+    fields, decoded = encoded_blocks(enc, 9)
+    reader = block_reader(enc, fields, H, D, BS, torch.float32, CPU)
+    assert reader is not None and (side == "k" or reader.can_weight)
+    B, nb = 3, 3
+    tables = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0]])  # rows of 96, 50 and 7 valid tokens
+    valid = torch.tensor([96, 50, 7])
+    ref_kv = decoded[tables.clamp_min(0)].transpose(1, 2).reshape(B, H, nb * BS, D)  # [B, H, T, D]
+    live = torch.arange(nb * BS)[None, :] < valid[:, None]  # [B, T]
+    g = torch.Generator().manual_seed(1)
+    if side == "k":
+        q = torch.randn(B, H, G, D, generator=g)
+        out = torch.full((B, H, G, nb * BS + 2), 7.0)
+        reader.scores(q, tables, valid, out, 0.125)
+        ref = torch.einsum("bhgd,bhtd->bhgt", q, torch.nan_to_num(ref_kv)) * 0.125
+        ref = ref.masked_fill(~live[:, None, None, :], float("-inf"))
+        torch.testing.assert_close(out[..., : nb * BS], ref, rtol=1e-4, atol=1e-4)
+        assert (out[..., nb * BS :] == 7.0).all(), "wrote past the block columns"
+    else:
+        p = torch.softmax(torch.randn(B, H, G, nb * BS + 2, generator=g), -1)  # weight on dead columns too
+        got = reader.values(p, tables, valid)
+        ref = torch.einsum("bhgt,bhtd->bhgd", p[..., : nb * BS] * live[:, None, None, :],
+                           torch.nan_to_num(ref_kv))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layouts_the_kernels_do_not_read_fall_back():
+    gear = parse("gear").codec.key_encoder()
+    assert gear.row_format(D) is None
+    fields, _ = encoded_blocks(parse("fp").codec.key_encoder(), 2)
+    assert block_reader(parse("fp").codec.key_encoder(), {"x": fields["x"].bfloat16()}, H, D, BS,
+                        torch.bfloat16, CPU) is None
+    assert block_reader(parse("fp").codec.key_encoder(), fields, H, D, BS, torch.float32,
+                        torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("spec", ["full", "kivi:bits=4,residual=32", "kivi:bits=2,residual=32", "int8", "int4",
+                                  "h2o:ratio=0.5+kivi:bits=4,residual=32", "streamingllm:ratio=0.5"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding layers and a logit soft-cap
+def test_engine_tokens_do_not_depend_on_the_kernels(spec, arch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (70, 9, 151)]
+    runs = {}
+    for on in (True, False):
+        eng = Engine(model, method=spec, kv_memory="8MiB", block_size=32, paged_kernels=on)
+        assert (eng.store.k_reader is not None) == on and (eng.store.v_reader is not None) == on
+        runs[on] = [r["token_ids"] for r in eng.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))]
+    assert runs[True] == runs[False]
