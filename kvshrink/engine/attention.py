@@ -41,6 +41,15 @@ def ring_positions(batch: DecodeBatch, side: str, layer: int, ring: int, scratch
     return torch.where(rel < length[:, None], base[:, None] + rel, torch.full_like(rel, scratch))
 
 
+def ring_rows(batch: DecodeBatch, layer: int) -> torch.Tensor:
+    """[B, 1]: the batch's residual rings of ``layer`` as blocks of the pool's ring readers."""
+    return (batch.slots_d + layer * batch.store.max_slots)[:, None]
+
+
+def ring_full(batch: DecodeBatch, ring: int) -> torch.Tensor:
+    return torch.full((batch.B,), ring, dtype=torch.long, device=batch.slots_d.device)
+
+
 def gather_tokens(store: KVStore, batch: DecodeBatch, side: str, layer: int, n: int) -> torch.Tensor:
     """[B, H, n, D]: the first ``n`` stored tokens of ``layer`` in stored order (blocks, then ring)."""
     st = store
@@ -139,9 +148,14 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
                 block_logits = cap(block_logits.permute(0, 2, 3, 1, 4).reshape(B, H, g, nb * bs) * scaling, softcap)
                 logits[..., : nb * bs] = block_logits.masked_fill(~kvalid[:, None, None, :], float("-inf"))
         if st.k.ring:
-            kr = st.kres[layer].index_select(0, batch.slots_d)  # [B, H, ring, D]
             tk = ring_positions(batch, "k", layer, st.k.ring, width)
-            ring_logits = cap(torch.matmul(q, kr.transpose(-1, -2)).float() * scaling, softcap)
+            if st.kres_reader is not None:  # every ring slot, in place; empty ones go to the scratch column
+                ring_logits = torch.empty(B, H, g, st.k.ring, dtype=torch.float32)
+                st.kres_reader.scores(q, ring_rows(batch, layer), ring_full(batch, st.k.ring), ring_logits, scaling)
+                ring_logits = cap(ring_logits, softcap)
+            else:
+                kr = st.kres[layer].index_select(0, batch.slots_d)  # [B, H, ring, D]
+                ring_logits = cap(torch.matmul(q, kr.transpose(-1, -2)).float() * scaling, softcap)
             logits.scatter_(3, tk[:, None, None, :].expand(B, H, g, -1), ring_logits)
         new_logit = cap((q * key).sum(-1, dtype=torch.float32) * scaling, softcap)  # [B, H, g]: the new token's key
         logits.scatter_(3, n[:, None, None, None].expand(B, H, g, 1), new_logit[..., None])
@@ -165,10 +179,12 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
             pb = pb.view(B, H, g, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, H, g, bs]
             out = out + torch.matmul(pb, vb).sum(1)
         if st.v.ring:
-            vr = st.vres[layer].index_select(0, batch.slots_d)
             tv = ring_positions(batch, "v", layer, st.v.ring, width)
             pr = p.gather(3, tv[:, None, None, :].expand(B, H, g, -1))  # empty slots read the scratch (0)
-            out = out + torch.matmul(pr, vr)
+            if st.vres_reader is not None:
+                out = out + st.vres_reader.values(pr, ring_rows(batch, layer), ring_full(batch, st.v.ring)).to(out.dtype)
+            else:
+                out = out + torch.matmul(pr, st.vres[layer].index_select(0, batch.slots_d))
     with timed("decode.commit"):
         commit(batch, layer, key, value)
     return out.view(B, Hq, 1, D).transpose(1, 2).contiguous()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from kvshrink.methods.base import Encoder, RowFormat
+from kvshrink.methods.base import RowFormat
 
 SOURCE = Path(__file__).with_name("paged_kernels.cpp")
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -144,11 +144,11 @@ class BlockReader:
         return out
 
 
-def block_reader(enc: Encoder, fields: dict[str, torch.Tensor], heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> BlockReader | None:
-    """A reader for blocks stored by ``enc`` in ``fields`` (the pool's tensors), or None where the
-    kernels do not apply (not the CPU, a layout they do not read, no compiler)."""
-    fmt = enc.row_format(head_dim)
+def block_reader(fmt: RowFormat | None, fields: dict[str, torch.Tensor], heads: int, head_dim: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> BlockReader | None:
+    """A reader for blocks of layout ``fmt`` (an encoder's ``row_format``) in ``fields`` (the pool's
+    tensors), or None where the kernels do not apply (not the CPU, a layout they do not read, no
+    compiler)."""
     if device.type != "cpu" or fmt is None or not _supported(fmt, fields, head_dim, block_size, dtype):
         return None
     lib = library()
@@ -157,7 +157,7 @@ def block_reader(enc: Encoder, fields: dict[str, torch.Tensor], heads: int, head
 
 def _supported(fmt: RowFormat, fields: dict[str, torch.Tensor], head_dim: int, block_size: int,
                dtype: torch.dtype) -> bool:
-    if any(not t.is_contiguous() for t in fields.values()):
+    if head_dim % 8 or any(not t.is_contiguous() for t in fields.values()):  # the kernels step 8 channels
         return False
     if fmt.bits == 0:
         return dtype == torch.float32 and fields["x"].dtype == torch.float32

@@ -12,8 +12,12 @@
 //   per-token groups (KIVI values, int8/int4, groups of C channels): scale/zero [N, H, bs, D/C] float16
 // Asymmetric x' = code * s + z; symmetric (zero == nullptr) x' = (code - 2^(bits-1)) * s.
 //
-// Codes are consumed in "planes": plane k holds channel i*per + k at index i, so every inner loop
-// runs over contiguous bytes and vectorises (a byte-by-byte interleaved unpack does not).
+// Work is cut into tiles of rows (a block, or one key group): stored fp32 rows are used where they
+// lie; codes are unpacked (or dequantised) into a tile buffer that stays in L1. Two micro-kernels
+// run over a tile: scores (4 rows x 8 channels per step, independent FMA chains) and weighted sums
+// (16 channels of up to 4 query heads held in registers over the tile). Codes are unpacked into
+// "planes" (plane k holds channel i*per + k at index i, so every unpack loop runs over contiguous
+// bytes and vectorises); the queries are permuted to that order once, and the outputs back.
 // Scores are computed in the code domain (KIVI, "cuda_bmm_fA_qB_outer"):
 //   per-channel groups:  q . k'_t = sum_d (q_d s_d) c_td + sum_d q_d z_d     (s, z of t's group)
 // Per-token groups (int8/int4 keys, every quantised value) dequantise one row at a time into a
@@ -23,9 +27,15 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -36,25 +46,138 @@ struct Shape {
   int64_t B, H, g, D, nb, bs;
 };
 
+// 8 floats: one AVX register with -march=native on x86, two NEON ones on ARM (GCC vector extension).
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float hsum(v8 v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// ---------------------------------------------------------------- micro-kernels over a tile of rows
+// A tile: n rows of D floats (D % 8 == 0), row t at rows + t * D: a block's keys or values as stored,
+// or a block's codes unpacked / dequantised into an L1 buffer.
+
+// out[gi * W + t] = scaling * (Q[gi] . row_t + bias[gi]), four rows at a time (four independent
+// FMA chains per query head: one chain waits on FMA latency).
+void scores_tile(const float* Q, const float* bias, int64_t g, const float* rows, int64_t n, int64_t D,
+                 float scaling, float* out, int64_t W) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float* r = rows + t * D;
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* q = Q + gi * D;
+      v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t d = 0; d < D; d += 8) {
+        const v8 qv = load8(q + d);
+        a0 += qv * load8(r + d);
+        a1 += qv * load8(r + D + d);
+        a2 += qv * load8(r + 2 * D + d);
+        a3 += qv * load8(r + 3 * D + d);
+      }
+      const float b = bias ? bias[gi] : 0.f;
+      float* o = out + gi * W + t;
+      o[0] = (hsum(a0) + b) * scaling;
+      o[1] = (hsum(a1) + b) * scaling;
+      o[2] = (hsum(a2) + b) * scaling;
+      o[3] = (hsum(a3) + b) * scaling;
+    }
+  }
+  for (; t < n; ++t) {
+    const float* r = rows + t * D;
+    for (int64_t gi = 0; gi < g; ++gi) {
+      v8 a = {};
+      for (int64_t d = 0; d < D; d += 8) a += load8(Q + gi * D + d) * load8(r + d);
+      out[gi * W + t] = (hsum(a) + (bias ? bias[gi] : 0.f)) * scaling;
+    }
+  }
+}
+
+// acc[gi] += sum_t P[gi * W + t] * row_t for M query heads at once, 16 channels at a time: the
+// accumulators (2M registers) stay in registers over the whole tile.
+template <int M>
+void values_tile_m(const float* P, int64_t W, const float* rows, int64_t n, int64_t D, float* acc) {
+  for (int64_t d = 0; d < D; d += 16) {
+    v8 lo[M], hi[M];
+    for (int m = 0; m < M; ++m) {
+      lo[m] = load8(acc + m * D + d);
+      hi[m] = D - d >= 16 ? load8(acc + m * D + d + 8) : v8{};
+    }
+    const bool two = D - d >= 16;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* r = rows + t * D + d;
+      const v8 x0 = load8(r), x1 = two ? load8(r + 8) : v8{};
+      for (int m = 0; m < M; ++m) {
+        const float w = P[m * W + t];
+        lo[m] += w * x0;
+        hi[m] += w * x1;
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      store8(acc + m * D + d, lo[m]);
+      if (two) store8(acc + m * D + d + 8, hi[m]);
+    }
+  }
+}
+
+void values_tile(const float* P, int64_t W, int64_t g, const float* rows, int64_t n, int64_t D, float* acc) {
+  int64_t gi = 0;
+  for (; gi + 4 <= g; gi += 4) values_tile_m<4>(P + gi * W, W, rows, n, D, acc + gi * D);
+  switch (g - gi) {
+    case 3: values_tile_m<3>(P + gi * W, W, rows, n, D, acc + gi * D); break;
+    case 2: values_tile_m<2>(P + gi * W, W, rows, n, D, acc + gi * D); break;
+    case 1: values_tile_m<1>(P + gi * W, W, rows, n, D, acc + gi * D); break;
+    default: break;
+  }
+}
+
+// ------------------------------------------------------------------------------ code unpacking
+
 template <int BITS>
 inline float code(uint8_t byte, int k) {
   constexpr int mask = (1 << BITS) - 1;
   return static_cast<float>(BITS == 8 ? byte : (byte >> (k * BITS)) & mask);
 }
 
-// Codes of one row into a planar float buffer: buf[k * R + i] = code k of byte i.
+// Codes k of 8 consecutive bytes as 8 floats: zero-extend, shift, mask, convert (AVX2: four
+// instructions; GCC's generic __builtin_convertvector from bytes is a scalar sequence).
+template <int BITS>
+inline v8 codes8(const uint8_t* p, int k) {
+#if defined(__AVX2__)
+  __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  if (BITS < 8) w = _mm256_and_si256(_mm256_srli_epi32(w, k * BITS), _mm256_set1_epi32((1 << BITS) - 1));
+  return reinterpret_cast<v8>(_mm256_cvtepi32_ps(w));
+#else
+  v8 out;
+  for (int i = 0; i < 8; ++i) out[i] = code<BITS>(p[i], k);
+  return out;
+#endif
+}
+
+// One row's codes into planar order: buf[k * R + i] = code k of byte i (channel i * per + k). Planar
+// loops run over contiguous bytes and vectorise; queries are permuted to match once per call.
 template <int BITS>
 inline void unpack_planar(const uint8_t* row, float* buf, int64_t R) {
   constexpr int per = 8 / BITS;
   for (int k = 0; k < per; ++k) {
     float* dst = buf + k * R;
-#pragma omp simd
-    for (int64_t i = 0; i < R; ++i) dst[i] = code<BITS>(row[i], k);
+    int64_t i = 0;
+    for (; i + 8 <= R; i += 8) store8(dst + i, codes8<BITS>(row + i, k));
+    for (; i < R; ++i) dst[i] = code<BITS>(row[i], k);
   }
 }
 
-// A row dequantised with per-token groups of C channels into planar order (the group of planar
-// index k * R + i is i / (C / per), the same in every plane).
+// A row with per-token groups of C channels, dequantised into planar order (the group of planar
+// index k * R + i is i / span, span = C / per, the same in every plane).
 template <int BITS>
 inline void dequant_planar(const uint8_t* row, const float* s, const float* z, float* buf, int64_t R, int64_t span) {
   constexpr int per = 8 / BITS;
@@ -62,33 +185,32 @@ inline void dequant_planar(const uint8_t* row, const float* s, const float* z, f
     float* dst = buf + k * R;
     for (int64_t lo = 0, grp = 0; lo < R; lo += span, ++grp) {
       const float sg = s[grp], zg = z[grp];
-#pragma omp simd
-      for (int64_t i = lo; i < lo + span; ++i) dst[i] = code<BITS>(row[i], k) * sg + zg;
+      int64_t i = lo;
+      for (; i + 8 <= lo + span; i += 8) store8(dst + i, codes8<BITS>(row + i, k) * sg + zg);
+      for (; i < lo + span; ++i) dst[i] = code<BITS>(row[i], k) * sg + zg;
     }
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
+inline int64_t planar(int64_t d, int per, int64_t R) { return (d % per) * R + d / per; }
 
-inline void axpy(float* y, float w, const float* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+// float16 -> float32 in hardware (F16C on x86, native on ARM) through the compiler's _Float16.
+inline float f32(half h) {
+  _Float16 x;
+  std::memcpy(&x, &h, sizeof x);
+  return static_cast<float>(x);
 }
 
 inline float zero_of(const half* zero, const half* scale, int64_t at, float offset) {
-  return zero ? static_cast<float>(zero[at]) : -offset * static_cast<float>(scale[at]);
+  return zero ? f32(zero[at]) : -offset * f32(scale[at]);
 }
 
-// Calls body(bh, b, h, n) for every (sequence, KV head) pair, in parallel over torch's threads.
+// Calls body(bh, b, h, end) for every (sequence, KV head) pair, in parallel over torch's threads;
+// end: the positions of the row that are read (valid tokens, at most the blocks given).
 template <typename F>
 void each_head(const Shape& s, const int64_t* valid, F body) {
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) body(bh, bh / s.H, bh % s.H, valid[bh / s.H]);
+    for (int64_t bh = lo; bh < hi; ++bh) body(bh, bh / s.H, bh % s.H, std::min(valid[bh / s.H], s.nb * s.bs));
   });
 }
 
@@ -97,24 +219,43 @@ inline void fill_masked(float* out, int64_t W, const Shape& s, int64_t from) {
     for (int64_t pos = from; pos < s.nb * s.bs; ++pos) out[gi * W + pos] = NEG_INF;
 }
 
+// Rows quantised in per-token groups of C channels: dequantises a block's first n rows into a tile
+// (one per thread: it owns its buffer).
+template <int BITS>
+struct TokenTiles {
+  static constexpr int per = 8 / BITS;
+  const uint8_t* codes;
+  const half *scale, *zero;
+  int64_t H, bs, D, R, ng, span;
+  float offset;
+  std::vector<float> tile, sf, zf;
+
+  TokenTiles(const uint8_t* codes, const half* scale, const half* zero, const Shape& s, int64_t C)
+      : codes(codes), scale(scale), zero(zero), H(s.H), bs(s.bs), D(s.D), R(s.D / per), ng(s.D / C),
+        span(C / per), offset(static_cast<float>(1 << (BITS - 1))), tile(s.bs * s.D), sf(s.D / C), zf(s.D / C) {}
+
+  const float* block(int64_t blk, int64_t h, int64_t n) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t tok = (blk * H + h) * bs + t;
+      for (int64_t grp = 0; grp < ng; ++grp) {
+        sf[grp] = f32(scale[tok * ng + grp]);
+        zf[grp] = zero_of(zero, scale, tok * ng + grp, offset);
+      }
+      dequant_planar<BITS>(codes + tok * R, sf.data(), zf.data(), tile.data() + t * D, R, span);
+    }
+    return tile.data();
+  }
+};
+
 // ---------------------------------------------------------------------------------- plain fp32
 
 void scores_plain(const float* q, const float* x, const int64_t* tables, int64_t tstride, const int64_t* valid,
                   float* out, int64_t W, float scaling, const Shape& s) {
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t n) {
-    const float* qb = q + bh * s.g * s.D;
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
     float* ob = out + bh * s.g * W;
-    const int64_t end = std::min(n, s.nb * s.bs);
-    for (int64_t pos = 0; pos < end; ++pos) {
-      const int64_t blk = tables[b * tstride + pos / s.bs];
-      const float* k = x + ((blk * s.H + h) * s.bs + pos % s.bs) * s.D;
-      for (int64_t gi = 0; gi < s.g; ++gi) {
-        const float* qq = qb + gi * s.D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < s.D; ++d) acc += qq[d] * k[d];
-        ob[gi * W + pos] = acc * scaling;
-      }
+    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+      const float* rows = x + (tables[b * tstride + t0 / s.bs] * s.H + h) * s.bs * s.D;
+      scores_tile(q + bh * s.g * s.D, nullptr, s.g, rows, std::min(s.bs, end - t0), s.D, scaling, ob + t0, W);
     }
     fill_masked(ob, W, s, end);
   });
@@ -122,21 +263,13 @@ void scores_plain(const float* q, const float* x, const int64_t* tables, int64_t
 
 void values_plain(const float* p, int64_t W, const float* x, const int64_t* tables, int64_t tstride,
                   const int64_t* valid, float* out, const Shape& s) {
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t n) {
-    std::vector<float> acc(s.g * s.D, 0.f);
-    const float* pb = p + bh * s.g * W;
-    const int64_t end = std::min(n, s.nb * s.bs);
-    for (int64_t pos = 0; pos < end; ++pos) {
-      const int64_t blk = tables[b * tstride + pos / s.bs];
-      const float* v = x + ((blk * s.H + h) * s.bs + pos % s.bs) * s.D;
-      for (int64_t gi = 0; gi < s.g; ++gi) {
-        const float w = pb[gi * W + pos];
-        float* a = acc.data() + gi * s.D;
-#pragma omp simd
-        for (int64_t d = 0; d < s.D; ++d) a[d] += w * v[d];
-      }
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
+    float* ob = out + bh * s.g * s.D;
+    std::fill(ob, ob + s.g * s.D, 0.f);
+    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+      const float* rows = x + (tables[b * tstride + t0 / s.bs] * s.H + h) * s.bs * s.D;
+      values_tile(p + bh * s.g * W + t0, W, s.g, rows, std::min(s.bs, end - t0), s.D, ob);
     }
-    std::copy(acc.begin(), acc.end(), out + bh * s.g * s.D);
   });
 }
 
@@ -149,28 +282,30 @@ void scores_per_channel(const float* q, const uint8_t* codes, const half* scale,
   constexpr int per = 8 / BITS;
   const int64_t R = s.D / per, nch = s.bs / G;
   const float offset = static_cast<float>(1 << (BITS - 1));
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t n) {
-    std::vector<float> qs(s.g * s.D), qz(s.g), buf(s.D);  // qs planar: [(gi * per + k) * R + i]
-    const float* qb = q + bh * s.g * s.D;
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
+    std::vector<float> qp(s.g * s.D), qs(s.g * s.D), qz(s.g), tile(G * s.D), sf(s.D), zf(s.D);
+    const float* qb = q + bh * s.g * s.D;  // qp: q planar; qs: q * scale, planar; sf planar, zf not
+    for (int64_t gi = 0; gi < s.g; ++gi)
+      for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
     float* ob = out + bh * s.g * W;
-    const int64_t end = std::min(n, s.nb * s.bs);
     for (int64_t t0 = 0; t0 < end; t0 += G) {  // one key group: G tokens sharing scale/zero
       const int64_t blk = tables[b * tstride + t0 / s.bs], c = (t0 % s.bs) / G;
       const int64_t meta = ((blk * s.H + h) * nch + c) * s.D;
+      for (int64_t d = 0; d < s.D; ++d) {
+        sf[planar(d, per, R)] = f32(scale[meta + d]);
+        zf[d] = zero_of(zero, scale, meta + d, offset);
+      }
       for (int64_t gi = 0; gi < s.g; ++gi) {
-        float z_acc = 0.f;
-        for (int64_t d = 0; d < s.D; ++d) {
-          const float sd = static_cast<float>(scale[meta + d]), qd = qb[gi * s.D + d];
-          qs[(gi * per + d % per) * R + d / per] = qd * sd;
-          z_acc += qd * zero_of(zero, scale, meta + d, offset);
-        }
-        qz[gi] = z_acc;
+        float* qsg = qs.data() + gi * s.D;
+        const float* qg = qp.data() + gi * s.D;
+        for (int64_t d = 0; d < s.D; ++d) qsg[d] = qg[d] * sf[d];
+        qz[gi] = 0.f;
+        for (int64_t d = 0; d < s.D; ++d) qz[gi] += qb[gi * s.D + d] * zf[d];
       }
-      const int64_t t_end = std::min(t0 + G, end);
-      for (int64_t pos = t0; pos < t_end; ++pos) {
-        unpack_planar<BITS>(codes + ((blk * s.H + h) * s.bs + pos % s.bs) * R, buf.data(), R);
-        for (int64_t gi = 0; gi < s.g; ++gi) ob[gi * W + pos] = (dot(&qs[gi * s.D], buf.data(), s.D) + qz[gi]) * scaling;
-      }
+      const int64_t n = std::min(G, end - t0);
+      const uint8_t* rows = codes + ((blk * s.H + h) * s.bs + t0 % s.bs) * R;
+      for (int64_t t = 0; t < n; ++t) unpack_planar<BITS>(rows + t * R, tile.data() + t * s.D, R);
+      scores_tile(qs.data(), qz.data(), s.g, tile.data(), n, s.D, scaling, ob + t0, W);
     }
     fill_masked(ob, W, s, end);
   });
@@ -178,52 +313,23 @@ void scores_per_channel(const float* q, const uint8_t* codes, const half* scale,
 
 // ------------------------------------------- per-token groups (KIVI values, int8/int4 keys and values)
 
-// Rows quantised in per-token groups of C channels, dequantised one at a time into a planar buffer
-// (one reader per thread: it owns its buffers).
-template <int BITS>
-struct TokenRows {
-  static constexpr int per = 8 / BITS;
-  const uint8_t* codes;
-  const half *scale, *zero;
-  const int64_t* tables;
-  int64_t tstride, H, bs, R, ng, span;
-  float offset;
-  std::vector<float> buf, sf, zf;
-
-  TokenRows(const uint8_t* codes, const half* scale, const half* zero, const int64_t* tables, int64_t tstride,
-            const Shape& s, int64_t C)
-      : codes(codes), scale(scale), zero(zero), tables(tables), tstride(tstride), H(s.H), bs(s.bs),
-        R(s.D / per), ng(s.D / C), span(C / per), offset(static_cast<float>(1 << (BITS - 1))),
-        buf(s.D), sf(s.D / C), zf(s.D / C) {}
-
-  const float* row(int64_t b, int64_t h, int64_t pos) {
-    const int64_t tok = (tables[b * tstride + pos / bs] * H + h) * bs + pos % bs;
-    for (int64_t grp = 0; grp < ng; ++grp) {
-      sf[grp] = static_cast<float>(scale[tok * ng + grp]);
-      zf[grp] = zero_of(zero, scale, tok * ng + grp, offset);
-    }
-    dequant_planar<BITS>(codes + tok * R, sf.data(), zf.data(), buf.data(), R, span);
-    return buf.data();
-  }
-
-  int64_t planar(int64_t d) const { return (d % per) * R + d / per; }
-};
-
 template <int BITS>
 void scores_per_token(const float* q, const uint8_t* codes, const half* scale, const half* zero,
                       const int64_t* tables, int64_t tstride, const int64_t* valid, float* out, int64_t W,
                       float scaling, const Shape& s, int64_t C) {
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t n) {
-    TokenRows<BITS> rows(codes, scale, zero, tables, tstride, s, C);
-    std::vector<float> qp(s.g * s.D);  // the queries in the rows' planar order
+  constexpr int per = 8 / BITS;
+  const int64_t R = s.D / per;
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
+    TokenTiles<BITS> tiles(codes, scale, zero, s, C);
+    std::vector<float> qp(s.g * s.D);  // the queries in the tiles' planar order
     const float* qb = q + bh * s.g * s.D;
     for (int64_t gi = 0; gi < s.g; ++gi)
-      for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + rows.planar(d)] = qb[gi * s.D + d];
+      for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
     float* ob = out + bh * s.g * W;
-    const int64_t end = std::min(n, s.nb * s.bs);
-    for (int64_t pos = 0; pos < end; ++pos) {
-      const float* k = rows.row(b, h, pos);
-      for (int64_t gi = 0; gi < s.g; ++gi) ob[gi * W + pos] = dot(&qp[gi * s.D], k, s.D) * scaling;
+    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+      const int64_t n = std::min(s.bs, end - t0);
+      const float* rows = tiles.block(tables[b * tstride + t0 / s.bs], h, n);
+      scores_tile(qp.data(), nullptr, s.g, rows, n, s.D, scaling, ob + t0, W);
     }
     fill_masked(ob, W, s, end);
   });
@@ -233,18 +339,19 @@ template <int BITS>
 void values_per_token(const float* p, int64_t W, const uint8_t* codes, const half* scale, const half* zero,
                       const int64_t* tables, int64_t tstride, const int64_t* valid, float* out, const Shape& s,
                       int64_t C) {
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t n) {
-    TokenRows<BITS> rows(codes, scale, zero, tables, tstride, s, C);
-    std::vector<float> acc(s.g * s.D, 0.f);  // planar, as the rows
-    const float* pb = p + bh * s.g * W;
-    const int64_t end = std::min(n, s.nb * s.bs);
-    for (int64_t pos = 0; pos < end; ++pos) {
-      const float* v = rows.row(b, h, pos);
-      for (int64_t gi = 0; gi < s.g; ++gi) axpy(&acc[gi * s.D], pb[gi * W + pos], v, s.D);
+  constexpr int per = 8 / BITS;
+  const int64_t R = s.D / per;
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
+    TokenTiles<BITS> tiles(codes, scale, zero, s, C);
+    std::vector<float> acc(s.g * s.D, 0.f);  // planar, as the tiles
+    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+      const int64_t n = std::min(s.bs, end - t0);
+      const float* rows = tiles.block(tables[b * tstride + t0 / s.bs], h, n);
+      values_tile(p + bh * s.g * W + t0, W, s.g, rows, n, s.D, acc.data());
     }
     float* ob = out + bh * s.g * s.D;
     for (int64_t gi = 0; gi < s.g; ++gi)
-      for (int64_t d = 0; d < s.D; ++d) ob[gi * s.D + d] = acc[gi * s.D + rows.planar(d)];
+      for (int64_t d = 0; d < s.D; ++d) ob[gi * s.D + d] = acc[gi * s.D + planar(d, per, R)];
   });
 }
 

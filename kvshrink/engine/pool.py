@@ -43,6 +43,7 @@ from kvshrink.methods.base import (
     Encoder,
     FieldLayout,
     Payload,
+    RowFormat,
     SpecError,
     StreamPolicy,
     check_cut,
@@ -237,12 +238,20 @@ class KVStore:
         self.vres = (torch.zeros(self.L, S, self.H, self.v.ring, self.D, dtype=dtype, device=device)
                      if self.v.ring else None)
         # kernels that attend over blocks in place (None: gather and decode them)
-        self.k_reader = self.v_reader = None
+        # (the residual rings too: ring r of slot s in layer l is "block" l * S + s of ring-sized blocks)
+        self.k_reader = self.v_reader = self.kres_reader = self.vres_reader = None
         if paged_kernels:
-            self.k_reader = block_reader(self.k.enc, self.kf, self.H, self.D, block_size, dtype, device)
-            self.v_reader = block_reader(self.v.enc, self.vf, self.H, self.D, block_size, dtype, device)
+            self.k_reader = block_reader(self.k.enc.row_format(self.D), self.kf, self.H, self.D, block_size, dtype,
+                                         device)
+            self.v_reader = block_reader(self.v.enc.row_format(self.D), self.vf, self.H, self.D, block_size, dtype,
+                                         device)
             if self.v_reader is not None and not self.v_reader.can_weight:
                 self.v_reader = None
+            for side, ring in (("k", self.kres), ("v", self.vres)):
+                if ring is not None:
+                    rows = {"x": ring.view(self.L * S, self.H, ring.shape[3], self.D)}
+                    setattr(self, f"{side}res_reader",
+                            block_reader(RowFormat(), rows, self.H, self.D, ring.shape[3], dtype, device))
         self._free_slots = list(range(S - 1, -1, -1))
         max_ctx = int(getattr(config, "max_position_embeddings", 0) or 1 << 15)
         self.max_blocks_per_layer = min(-(-max_ctx // block_size) + 2, self.num_blocks + 1)

@@ -42,7 +42,7 @@ def test_reads_blocks_in_place_as_the_decoded_reference(spec, side):
     codec = parse(spec).codec
     enc = codec.key_encoder() if side == "k" else codec.value_encoder()
     fields, decoded = encoded_blocks(enc, 9)
-    reader = block_reader(enc, fields, H, D, BS, torch.float32, CPU)
+    reader = block_reader(enc.row_format(D), fields, H, D, BS, torch.float32, CPU)
     assert reader is not None and (side == "k" or reader.can_weight)
     B, nb = 3, 3
     tables = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0]])  # rows of 96, 50 and 7 valid tokens
@@ -70,10 +70,10 @@ def test_layouts_the_kernels_do_not_read_fall_back():
     gear = parse("gear").codec.key_encoder()
     assert gear.row_format(D) is None
     fields, _ = encoded_blocks(parse("fp").codec.key_encoder(), 2)
-    assert block_reader(parse("fp").codec.key_encoder(), {"x": fields["x"].bfloat16()}, H, D, BS,
-                        torch.bfloat16, CPU) is None
-    assert block_reader(parse("fp").codec.key_encoder(), fields, H, D, BS, torch.float32,
-                        torch.device("meta")) is None
+    plain = parse("fp").codec.key_encoder().row_format(D)
+    assert block_reader(plain, {"x": fields["x"].bfloat16()}, H, D, BS, torch.bfloat16, CPU) is None
+    assert block_reader(plain, fields, H, D, BS, torch.float32, torch.device("meta")) is None
+    assert block_reader(plain, {"x": torch.zeros(2, H, BS, 36)}, H, 36, BS, torch.float32, CPU) is None
 
 
 @pytest.mark.parametrize("spec", ["full", "kivi:bits=4,residual=32", "kivi:bits=2,residual=32", "int8", "int4",
