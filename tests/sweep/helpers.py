@@ -39,9 +39,7 @@ class Failing(Logged):
     die_task: str = ""
 
     def __call__(self, model, tok, sample, method, max_new_tokens, seed):
-        died = Path(self.log + ".died")
-        if method == "full" and sample.task == self.die_task and not died.exists():
-            died.touch()
+        if method == "full" and sample.task == self.die_task and _first(self.log + ".died"):
             os._exit(3)  # the worker process dies: Ray reports it, the sweep starts another worker
         if method == self.fail_method and sample.task == self.fail_task:
             with open(self.log + ".fail", "a") as f:
@@ -52,6 +50,15 @@ class Failing(Logged):
             marker.touch()
             raise ValueError("transient")
         return super().__call__(model, tok, sample, method, max_new_tokens, seed)
+
+
+def _first(path: str) -> bool:
+    """True for exactly one caller across processes (two workers may reach the same check at once)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def lines(path) -> list[str]:
