@@ -67,21 +67,25 @@ def gather_tokens(store: KVStore, batch: DecodeBatch, side: str, layer: int, n: 
     return out[:, :, :n]
 
 
-def commit(batch: DecodeBatch, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+def commit(batch: DecodeBatch, layer: int, key: torch.Tensor, value: torch.Tensor,
+           written: tuple[bool, bool] = (False, False)) -> None:
     """Store this step's token of every sequence (``key``/``value`` [B, H, 1, D]) for ``layer``:
-    straight into blocks, or into the residual ring and out of it as the stream policy says."""
+    straight into blocks, or into the residual ring and out of it as the stream policy says.
+    ``written``: per side, the new token is in place already (the decode kernel copied it)."""
     st = batch.store
     tables = batch.tables[:, layer]
-    for side, x in (("k", key), ("v", value)):
+    for side, x, done in (("k", key, written[0]), ("v", value, written[1])):
         lay = st.k if side == "k" else st.v
         encoded = (batch.encoded_k if side == "k" else batch.encoded_v)[:, layer]
         if not lay.ring:
-            st.write_encoded(side, tables, encoded, x)
+            if not done:
+                st.write_encoded(side, tables, encoded, x)
             continue
         ring_t = (st.kres if side == "k" else st.vres)[layer]
         start = (batch.ring_k_start if side == "k" else batch.ring_v_start)[:, layer]
         length = (batch.ring_k_len if side == "k" else batch.ring_v_len)[:, layer]
-        ring_t[batch.slots_d, :, (start + length) % lay.ring] = x[:, :, 0]
+        if not done:
+            ring_t[batch.slots_d, :, (start + length) % lay.ring] = x[:, :, 0]
         for group in (batch.commits_k if side == "k" else batch.commits_v)[layer]:
             rows = group.rows
             pos = (start[rows, None] + torch.arange(group.n, device=rows.device)[None, :]) % lay.ring
@@ -124,6 +128,8 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
     nb, width = batch.blocks[layer], batch.width[layer]
     n = batch.stored[:, layer]
     q = query.view(B, H, g, D)
+    if st.decode_kernel is not None:
+        return _fused_decode(batch, layer, q, key, value, scaling, window, softcap, sinks)
     kread, vread = st.k_reader, st.v_reader
     if nb:
         tables = batch.tables[:, layer, :nb]
@@ -188,6 +194,26 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
     with timed("decode.commit"):
         commit(batch, layer, key, value)
     return out.view(B, Hq, 1, D).transpose(1, 2).contiguous()
+
+
+def _fused_decode(batch: DecodeBatch, layer: int, q, key, value, scaling, window, softcap, sinks):
+    """``decode_attention`` in one kernel call per layer (``KVStore.decode_kernel``), then the commit's
+    remaining work (flushes out of the rings, encoding of a quantised token)."""
+    st, kern = batch.store, batch.store.decode_kernel
+    B, H, g, D = q.shape
+    width = batch.width[layer]
+    observe = batch.observe and st.selects[layer]
+    with timed("decode.attend"):
+        counters = ((batch.encoded_k[:, layer], batch.ring_k_start[:, layer], batch.ring_k_len[:, layer]),
+                    (batch.encoded_v[:, layer], batch.ring_v_start[:, layer], batch.ring_v_len[:, layer]))
+        out, probs = kern(q.float(), key.float(), value.float(), layer, batch.tables[:, layer, : max(batch.blocks[layer], 1)],
+                          batch.slots_d, batch.stored[:, layer], counters, scaling, softcap, window, sinks,
+                          probs_width=width if observe else 0)
+        if observe:
+            st.selector_states[layer].observe(batch.slots_d, probs.view(B, H * g, width))
+    with timed("decode.commit"):
+        commit(batch, layer, key, value, written=kern.write_new)
+    return out.to(value.dtype).view(B, H * g, 1, D).transpose(1, 2).contiguous()
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -35,12 +35,29 @@ import torch
 from kvshrink.methods.base import RowFormat
 
 SOURCE = Path(__file__).with_name("paged_kernels.cpp")
-_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_P, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+
+
+class _Blocks(ctypes.Structure):  # paged_kernels.cpp: struct Blocks
+    _fields_ = [("bits", _I32), ("per_channel", _I32), ("group", _I64), ("data", _P), ("scale", _P), ("zero", _P)]
+
+
+class _Side(ctypes.Structure):  # struct Side
+    _fields_ = [("blocks", _Blocks), ("encoded", _P), ("ring", _P), ("R", _I64), ("ring_start", _P),
+                ("ring_len", _P), ("write_new", _I32)]
+
+
+class _Step(ctypes.Structure):  # struct Step
+    _fields_ = [("q", _P), ("knew", _P), ("vnew", _P), ("tables", _P), ("slots", _P), ("stored", _P),
+                ("tstride", _I64), ("cstride", _I64), ("scaling", _F32), ("softcap", _F32), ("window", _I64),
+                ("sinks", _P), ("out", _P), ("probs", _P), ("probs_w", _I64)]
+
+
+_PTR = ctypes.POINTER
 _SIGNATURES = {
-    "kvs_scores_plain": [_P, _P, _P, _I64, _P, _P, _I64, _F32] + [_I64] * 6,
-    "kvs_values_plain": [_P, _I64, _P, _P, _I64, _P, _P] + [_I64] * 6,
-    "kvs_scores_quant": [_INT, _INT, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _I64, _F32] + [_I64] * 6,
-    "kvs_values_quant": [_INT, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _P] + [_I64] * 6,
+    "kvs_scores": [_PTR(_Blocks), _P, _P, _I64, _P, _P, _I64, _F32] + [_I64] * 6,
+    "kvs_values": [_PTR(_Blocks), _P, _I64, _P, _I64, _P, _P] + [_I64] * 6,
+    "kvs_decode": [_PTR(_Side), _PTR(_Side), _PTR(_Step)] + [_I64] * 6,
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 
@@ -109,39 +126,73 @@ class BlockReader:
         self.lib, self.fmt, self.fields = lib, fmt, fields
         self.H, self.D, self.bs = heads, head_dim, block_size
         self.can_weight = not fmt.per_channel  # values in per-channel token groups: not written (no codec uses it)
+        quant = fmt.bits != 0
+        self.blocks = _Blocks(fmt.bits, int(fmt.per_channel), fmt.group,
+                              _ptr(fields["q"] if quant else fields["x"]),
+                              _ptr(fields["scale"]) if quant else None, _ptr(fields.get("zero")))
+
+    def _check(self, rc: int) -> None:
+        if rc:
+            raise ValueError(f"paged kernels: unsupported row format {self.fmt}")
 
     def scores(self, q: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor, out: torch.Tensor,
                scaling: float) -> None:
         q, valid = q.float().contiguous(), valid.contiguous()
         B, H, g, D = q.shape
-        dims = [B, H, g, D, tables.shape[1], self.bs]
-        f, W = self.fmt, out.shape[-1]
-        if f.bits == 0:
-            rc = self.lib.kvs_scores_plain(_ptr(q), _ptr(self.fields["x"]), _ptr(tables), tables.stride(0),
-                                           _ptr(valid), _ptr(out), W, scaling, *dims)
-        else:
-            rc = self.lib.kvs_scores_quant(int(f.per_channel), f.bits, f.group, _ptr(q), _ptr(self.fields["q"]),
-                                           _ptr(self.fields["scale"]), _ptr(self.fields.get("zero")), _ptr(tables),
-                                           tables.stride(0), _ptr(valid), _ptr(out), W, scaling, *dims)
-        if rc:
-            raise ValueError(f"paged kernels: unsupported row format {f}")
+        self._check(self.lib.kvs_scores(ctypes.byref(self.blocks), _ptr(q), _ptr(tables), tables.stride(0),
+                                        _ptr(valid), _ptr(out), out.shape[-1], scaling,
+                                        B, H, g, D, tables.shape[1], self.bs))
 
     def values(self, p: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         p, valid = p.float().contiguous(), valid.contiguous()
         B, H, g, W = p.shape
         out = torch.empty(B, H, g, self.D, dtype=torch.float32)
-        dims = [B, H, g, self.D, tables.shape[1], self.bs]
-        f = self.fmt
-        if f.bits == 0:
-            rc = self.lib.kvs_values_plain(_ptr(p), W, _ptr(self.fields["x"]), _ptr(tables), tables.stride(0),
-                                           _ptr(valid), _ptr(out), *dims)
-        else:
-            rc = self.lib.kvs_values_quant(f.bits, f.group, _ptr(p), W, _ptr(self.fields["q"]),
-                                           _ptr(self.fields["scale"]), _ptr(self.fields.get("zero")), _ptr(tables),
-                                           tables.stride(0), _ptr(valid), _ptr(out), *dims)
-        if rc:
-            raise ValueError(f"paged kernels: unsupported row format {f}")
+        self._check(self.lib.kvs_values(ctypes.byref(self.blocks), _ptr(p), W, _ptr(tables), tables.stride(0),
+                                        _ptr(valid), _ptr(out), B, H, g, self.D, tables.shape[1], self.bs))
         return out
+
+
+class DecodeKernel:
+    """One layer's whole decode attention in one call, from the pool's blocks and residual rings:
+    block, ring and new-token scores, soft-cap, sliding window, sink, softmax and weighted values for
+    every (sequence, KV head) pair, and the new token's store into the ring, or into plain blocks
+    (``write_new``: the sides where that store is all a commit does). What ``decode_attention``'s
+    eager and per-reader paths compute, without their ~40 small tensor ops per layer.
+
+    ``rings``: per side, the pool's ``[L, S, H, R, D]`` fp32 residual rings, or None."""
+
+    def __init__(self, k: BlockReader, v: BlockReader, rings: tuple[torch.Tensor | None, torch.Tensor | None],
+                 write_new: tuple[bool, bool]):
+        self.lib, self.bs, self.D = k.lib, k.bs, k.D
+        self.readers, self.rings, self.write_new = (k, v), rings, write_new
+
+    def __call__(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, tables: torch.Tensor,
+                 slots: torch.Tensor, stored: torch.Tensor, counters: tuple[tuple[torch.Tensor, ...], ...],
+                 scaling: float, softcap: float | None, window: int | None, sinks: torch.Tensor | None,
+                 probs_width: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``q`` [B, H, g, D]; ``key``/``value`` [B, H, 1, D] (the new token); ``tables`` [B, nb] (row
+        stride free); ``stored`` and ``counters`` (per side: encoded, ring start, ring length) [B]
+        columns of one [B, L] step tensor (same stride). Returns the output [B, H, g, D] float32 and,
+        if ``probs_width``, the probabilities [B, H, g, probs_width] in stored order."""
+        B, H, g, D = q.shape
+        q, key, value = q.contiguous(), key.contiguous(), value.contiguous()
+        out = torch.empty(B, H, g, D, dtype=torch.float32)
+        probs = torch.empty(B, H, g, probs_width, dtype=torch.float32) if probs_width else None
+        sides = []
+        for reader, ring, write, (encoded, start, length) in zip(self.readers, self.rings, self.write_new, counters):
+            r = ring[layer] if ring is not None else None
+            sides.append(_Side(reader.blocks, _ptr(encoded), _ptr(r), r.shape[2] if r is not None else 0,
+                               _ptr(start) if r is not None else None, _ptr(length) if r is not None else None,
+                               int(write)))
+        sink = sinks.float().contiguous() if sinks is not None else None
+        step = _Step(_ptr(q), _ptr(key), _ptr(value), _ptr(tables), _ptr(slots), _ptr(stored), tables.stride(0),
+                     stored.stride(0), scaling, float(softcap or 0.0), int(window or 0), _ptr(sink), _ptr(out),
+                     _ptr(probs), probs_width)
+        rc = self.lib.kvs_decode(ctypes.byref(sides[0]), ctypes.byref(sides[1]), ctypes.byref(step),
+                                 B, H, g, D, tables.shape[1], self.bs)
+        if rc:
+            raise ValueError("paged kernels: unsupported row format")
+        return out, probs
 
 
 def block_reader(fmt: RowFormat | None, fields: dict[str, torch.Tensor], heads: int, head_dim: int,

@@ -28,6 +28,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -247,116 +248,129 @@ struct TokenTiles {
   }
 };
 
+// Per-head bodies: one (sequence b, KV head h) pair's work, reading positions [0, end) of its blocks
+// (table: the sequence's row of block ids). The batch entry points run them over every pair
+// (each_head); the fused decode step runs them inside its own per-pair pipeline.
+
 // ---------------------------------------------------------------------------------- plain fp32
 
-void scores_plain(const float* q, const float* x, const int64_t* tables, int64_t tstride, const int64_t* valid,
-                  float* out, int64_t W, float scaling, const Shape& s) {
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
-    float* ob = out + bh * s.g * W;
-    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
-      const float* rows = x + (tables[b * tstride + t0 / s.bs] * s.H + h) * s.bs * s.D;
-      scores_tile(q + bh * s.g * s.D, nullptr, s.g, rows, std::min(s.bs, end - t0), s.D, scaling, ob + t0, W);
-    }
-    fill_masked(ob, W, s, end);
-  });
+void scores_plain_head(const float* qh, const float* x, const int64_t* table, int64_t h, int64_t end,
+                       float scaling, float* ob, int64_t W, const Shape& s) {
+  for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+    const float* rows = x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D;
+    scores_tile(qh, nullptr, s.g, rows, std::min(s.bs, end - t0), s.D, scaling, ob + t0, W);
+  }
 }
 
-void values_plain(const float* p, int64_t W, const float* x, const int64_t* tables, int64_t tstride,
-                  const int64_t* valid, float* out, const Shape& s) {
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
-    float* ob = out + bh * s.g * s.D;
-    std::fill(ob, ob + s.g * s.D, 0.f);
-    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
-      const float* rows = x + (tables[b * tstride + t0 / s.bs] * s.H + h) * s.bs * s.D;
-      values_tile(p + bh * s.g * W + t0, W, s.g, rows, std::min(s.bs, end - t0), s.D, ob);
-    }
-  });
+// acc[gi * D + d] += sum_t p[gi * W + t] x_t[d]
+void values_plain_head(const float* ph, int64_t W, const float* x, const int64_t* table, int64_t h, int64_t end,
+                       float* acc, const Shape& s) {
+  for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+    const float* rows = x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D;
+    values_tile(ph + t0, W, s.g, rows, std::min(s.bs, end - t0), s.D, acc);
+  }
 }
 
 // ------------------------------------------------------------ per-channel groups (KIVI keys)
 
 template <int BITS>
-void scores_per_channel(const float* q, const uint8_t* codes, const half* scale, const half* zero,
-                        const int64_t* tables, int64_t tstride, const int64_t* valid, float* out, int64_t W,
-                        float scaling, const Shape& s, int64_t G) {
+void scores_per_channel_head(const float* qb, const uint8_t* codes, const half* scale, const half* zero,
+                             const int64_t* table, int64_t h, int64_t end, float scaling, float* ob, int64_t W,
+                             const Shape& s, int64_t G) {
   constexpr int per = 8 / BITS;
   const int64_t R = s.D / per, nch = s.bs / G;
   const float offset = static_cast<float>(1 << (BITS - 1));
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
-    std::vector<float> qp(s.g * s.D), qs(s.g * s.D), qz(s.g), tile(G * s.D), sf(s.D), zf(s.D);
-    const float* qb = q + bh * s.g * s.D;  // qp: q planar; qs: q * scale, planar; sf planar, zf not
-    for (int64_t gi = 0; gi < s.g; ++gi)
-      for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
-    float* ob = out + bh * s.g * W;
-    for (int64_t t0 = 0; t0 < end; t0 += G) {  // one key group: G tokens sharing scale/zero
-      const int64_t blk = tables[b * tstride + t0 / s.bs], c = (t0 % s.bs) / G;
-      const int64_t meta = ((blk * s.H + h) * nch + c) * s.D;
-      for (int64_t d = 0; d < s.D; ++d) {
-        sf[planar(d, per, R)] = f32(scale[meta + d]);
-        zf[d] = zero_of(zero, scale, meta + d, offset);
-      }
-      for (int64_t gi = 0; gi < s.g; ++gi) {
-        float* qsg = qs.data() + gi * s.D;
-        const float* qg = qp.data() + gi * s.D;
-        for (int64_t d = 0; d < s.D; ++d) qsg[d] = qg[d] * sf[d];
-        qz[gi] = 0.f;
-        for (int64_t d = 0; d < s.D; ++d) qz[gi] += qb[gi * s.D + d] * zf[d];
-      }
-      const int64_t n = std::min(G, end - t0);
-      const uint8_t* rows = codes + ((blk * s.H + h) * s.bs + t0 % s.bs) * R;
-      for (int64_t t = 0; t < n; ++t) unpack_planar<BITS>(rows + t * R, tile.data() + t * s.D, R);
-      scores_tile(qs.data(), qz.data(), s.g, tile.data(), n, s.D, scaling, ob + t0, W);
+  std::vector<float> qp(s.g * s.D), qs(s.g * s.D), qz(s.g), tile(G * s.D), sf(s.D), zf(s.D);
+  // qp: q planar; qs: q * scale, planar; sf planar, zf not
+  for (int64_t gi = 0; gi < s.g; ++gi)
+    for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
+  for (int64_t t0 = 0; t0 < end; t0 += G) {  // one key group: G tokens sharing scale/zero
+    const int64_t blk = table[t0 / s.bs], c = (t0 % s.bs) / G;
+    const int64_t meta = ((blk * s.H + h) * nch + c) * s.D;
+    for (int64_t d = 0; d < s.D; ++d) {
+      sf[planar(d, per, R)] = f32(scale[meta + d]);
+      zf[d] = zero_of(zero, scale, meta + d, offset);
     }
-    fill_masked(ob, W, s, end);
-  });
+    for (int64_t gi = 0; gi < s.g; ++gi) {
+      float* qsg = qs.data() + gi * s.D;
+      const float* qg = qp.data() + gi * s.D;
+      for (int64_t d = 0; d < s.D; ++d) qsg[d] = qg[d] * sf[d];
+      qz[gi] = 0.f;
+      for (int64_t d = 0; d < s.D; ++d) qz[gi] += qb[gi * s.D + d] * zf[d];
+    }
+    const int64_t n = std::min(G, end - t0);
+    const uint8_t* rows = codes + ((blk * s.H + h) * s.bs + t0 % s.bs) * R;
+    for (int64_t t = 0; t < n; ++t) unpack_planar<BITS>(rows + t * R, tile.data() + t * s.D, R);
+    scores_tile(qs.data(), qz.data(), s.g, tile.data(), n, s.D, scaling, ob + t0, W);
+  }
 }
 
 // ------------------------------------------- per-token groups (KIVI values, int8/int4 keys and values)
 
 template <int BITS>
-void scores_per_token(const float* q, const uint8_t* codes, const half* scale, const half* zero,
-                      const int64_t* tables, int64_t tstride, const int64_t* valid, float* out, int64_t W,
-                      float scaling, const Shape& s, int64_t C) {
+void scores_per_token_head(const float* qb, const uint8_t* codes, const half* scale, const half* zero,
+                           const int64_t* table, int64_t h, int64_t end, float scaling, float* ob, int64_t W,
+                           const Shape& s, int64_t C) {
   constexpr int per = 8 / BITS;
   const int64_t R = s.D / per;
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
-    TokenTiles<BITS> tiles(codes, scale, zero, s, C);
-    std::vector<float> qp(s.g * s.D);  // the queries in the tiles' planar order
-    const float* qb = q + bh * s.g * s.D;
-    for (int64_t gi = 0; gi < s.g; ++gi)
-      for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
-    float* ob = out + bh * s.g * W;
-    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
-      const int64_t n = std::min(s.bs, end - t0);
-      const float* rows = tiles.block(tables[b * tstride + t0 / s.bs], h, n);
-      scores_tile(qp.data(), nullptr, s.g, rows, n, s.D, scaling, ob + t0, W);
-    }
-    fill_masked(ob, W, s, end);
-  });
+  TokenTiles<BITS> tiles(codes, scale, zero, s, C);
+  std::vector<float> qp(s.g * s.D);  // the queries in the tiles' planar order
+  for (int64_t gi = 0; gi < s.g; ++gi)
+    for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
+  for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+    const int64_t n = std::min(s.bs, end - t0);
+    const float* rows = tiles.block(table[t0 / s.bs], h, n);
+    scores_tile(qp.data(), nullptr, s.g, rows, n, s.D, scaling, ob + t0, W);
+  }
 }
 
+// ob[gi * D + d] += sum_t p[gi * W + t] x'_t[d]  (natural channel order)
 template <int BITS>
-void values_per_token(const float* p, int64_t W, const uint8_t* codes, const half* scale, const half* zero,
-                      const int64_t* tables, int64_t tstride, const int64_t* valid, float* out, const Shape& s,
-                      int64_t C) {
+void values_per_token_head(const float* ph, int64_t W, const uint8_t* codes, const half* scale, const half* zero,
+                           const int64_t* table, int64_t h, int64_t end, float* ob, const Shape& s, int64_t C) {
   constexpr int per = 8 / BITS;
   const int64_t R = s.D / per;
-  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
-    TokenTiles<BITS> tiles(codes, scale, zero, s, C);
-    std::vector<float> acc(s.g * s.D, 0.f);  // planar, as the tiles
-    for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
-      const int64_t n = std::min(s.bs, end - t0);
-      const float* rows = tiles.block(tables[b * tstride + t0 / s.bs], h, n);
-      values_tile(p + bh * s.g * W + t0, W, s.g, rows, n, s.D, acc.data());
-    }
-    float* ob = out + bh * s.g * s.D;
-    for (int64_t gi = 0; gi < s.g; ++gi)
-      for (int64_t d = 0; d < s.D; ++d) ob[gi * s.D + d] = acc[gi * s.D + planar(d, per, R)];
-  });
+  TokenTiles<BITS> tiles(codes, scale, zero, s, C);
+  std::vector<float> acc(s.g * s.D, 0.f);  // planar, as the tiles
+  for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
+    const int64_t n = std::min(s.bs, end - t0);
+    const float* rows = tiles.block(table[t0 / s.bs], h, n);
+    values_tile(ph + t0, W, s.g, rows, n, s.D, acc.data());
+  }
+  for (int64_t gi = 0; gi < s.g; ++gi)
+    for (int64_t d = 0; d < s.D; ++d) ob[gi * s.D + d] += acc[gi * s.D + planar(d, per, R)];
 }
+
+// ------------------------------------------------------------------------- one side's blocks
+// A stream's payload as the pool lays it out (bits 0: plain fp32 in x; else codes + fp16 scale/zero,
+// per_channel: KIVI-style token groups of `group`, else per-token channel groups of `group`).
+struct Blocks {
+  int32_t bits, per_channel;
+  int64_t group;
+  const void* data;  // x (float) or codes (uint8)
+  const void* scale;
+  const void* zero;
+};
+
+template <int BITS> struct ScoresHead {
+  static void run(const Blocks& k, const float* qh, const int64_t* table, int64_t h, int64_t end, float scaling,
+                  float* ob, int64_t W, const Shape& s) {
+    auto codes = static_cast<const uint8_t*>(k.data);
+    auto sc = static_cast<const half*>(k.scale), ze = static_cast<const half*>(k.zero);
+    if (k.per_channel) scores_per_channel_head<BITS>(qh, codes, sc, ze, table, h, end, scaling, ob, W, s, k.group);
+    else scores_per_token_head<BITS>(qh, codes, sc, ze, table, h, end, scaling, ob, W, s, k.group);
+  }
+};
+template <int BITS> struct ValuesHead {
+  static void run(const Blocks& v, const float* ph, int64_t W, const int64_t* table, int64_t h, int64_t end,
+                  float* ob, const Shape& s) {
+    values_per_token_head<BITS>(ph, W, static_cast<const uint8_t*>(v.data), static_cast<const half*>(v.scale),
+                                static_cast<const half*>(v.zero), table, h, end, ob, s, v.group);
+  }
+};
 
 template <template <int> class K, typename... A>
-int by_bits(int bits, A... args) {
+int by_bits(int bits, A&&... args) {
   switch (bits) {
     case 1: K<1>::run(args...); return 0;
     case 2: K<2>::run(args...); return 0;
@@ -366,51 +380,174 @@ int by_bits(int bits, A... args) {
   }
 }
 
-template <int BITS> struct ScoresPerChannel {
-  template <typename... A> static void run(A... a) { scores_per_channel<BITS>(a...); }
+// Supported layouts: plain, any bit width of 1/2/4/8 (values: per-token groups only).
+bool readable(const Blocks& b, bool weights) {
+  if (b.bits == 0) return true;
+  if (b.bits != 1 && b.bits != 2 && b.bits != 4 && b.bits != 8) return false;
+  return !(weights && b.per_channel);
+}
+
+void block_scores(const Blocks& k, const float* qh, const int64_t* table, int64_t h, int64_t end, float scaling,
+                  float* ob, int64_t W, const Shape& s) {
+  if (k.bits == 0) scores_plain_head(qh, static_cast<const float*>(k.data), table, h, end, scaling, ob, W, s);
+  else by_bits<ScoresHead>(k.bits, k, qh, table, h, end, scaling, ob, W, s);
+}
+
+void block_values(const Blocks& v, const float* ph, int64_t W, const int64_t* table, int64_t h, int64_t end,
+                  float* ob, const Shape& s) {
+  if (v.bits == 0) values_plain_head(ph, W, static_cast<const float*>(v.data), table, h, end, ob, s);
+  else by_bits<ValuesHead>(v.bits, v, ph, W, table, h, end, ob, s);
+}
+
+// --------------------------------------------------------------------- the fused decode step
+// One side (keys or values) of one layer for a decode batch: its blocks, its residual ring (fp32
+// [S, H, R, D], R = 0: none) and the per-sequence counters (stride cstride, one layer's column of the
+// step's [B, L] counters): tokens in blocks, ring start and length.
+struct Side {
+  Blocks blocks;
+  const int64_t* encoded;
+  float* ring;
+  int64_t R;
+  const int64_t* ring_start;
+  const int64_t* ring_len;
+  int32_t write_new;  // store the new token: into the ring (R > 0) or, plain, into the blocks
 };
-template <int BITS> struct ScoresPerToken {
-  template <typename... A> static void run(A... a) { scores_per_token<BITS>(a...); }
+
+// Ring rows [start, start + len) modulo R: at most two contiguous runs. f(first row, count, offset).
+template <typename F>
+void ring_runs(int64_t start, int64_t len, int64_t R, F f) {
+  const int64_t first = std::min(len, R - start);
+  if (first > 0) f(start, first, int64_t{0});
+  if (len > first) f(int64_t{0}, len - first, first);
+}
+
+struct Step {
+  const float *q, *knew, *vnew;  // [B, H, g, D], [B, H, D], [B, H, D]
+  const int64_t *tables, *slots, *stored;
+  int64_t tstride, cstride;
+  float scaling, softcap;
+  int64_t window;        // 0: full attention
+  const float* sinks;    // [H * g] or null
+  float* out;            // [B, H, g, D]
+  float* probs;          // [B, H, g, probs_w] in stored order, or null
+  int64_t probs_w;
 };
-template <int BITS> struct ValuesPerToken {
-  template <typename... A> static void run(A... a) { values_per_token<BITS>(a...); }
-};
+
+void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, int64_t b, int64_t h,
+                 std::vector<float>& lg) {
+  const int64_t bh = b * s.H + h, cs = st.cstride;
+  const int64_t n = st.stored[b * cs], slot = st.slots[b];
+  const int64_t W = n + 2;  // stored columns, the new token, a sink column
+  lg.assign(s.g * W, NEG_INF);
+  const float* qh = st.q + bh * s.g * s.D;
+  const int64_t* table = st.tables + b * st.tstride;
+  const int64_t enc_k = std::min(K.encoded[b * cs], s.nb * s.bs);
+  block_scores(K.blocks, qh, table, h, enc_k, st.scaling, lg.data(), W, s);
+  if (K.R) {
+    const float* ring = K.ring + (slot * s.H + h) * K.R * s.D;
+    ring_runs(K.ring_start[b * cs], K.ring_len[b * cs], K.R, [&](int64_t r0, int64_t cnt, int64_t off) {
+      scores_tile(qh, nullptr, s.g, ring + r0 * s.D, cnt, s.D, st.scaling, lg.data() + enc_k + off, W);
+    });
+  }
+  const float* kn = st.knew + bh * s.D;
+  scores_tile(qh, nullptr, s.g, kn, 1, s.D, st.scaling, lg.data() + n, W);
+  const int64_t first = st.window ? std::max<int64_t>(0, n - (st.window - 1)) : 0;
+  for (int64_t gi = 0; gi < s.g; ++gi) {  // soft-cap, window, sink, softmax, in place
+    float* row = lg.data() + gi * W;
+    for (int64_t c = 0; c < first; ++c) row[c] = NEG_INF;
+    if (st.softcap > 0.f)
+      for (int64_t c = first; c <= n; ++c) row[c] = st.softcap * std::tanh(row[c] / st.softcap);
+    int64_t last = n;
+    if (st.sinks) row[++last] = st.sinks[h * s.g + gi];
+    float mx = NEG_INF;
+    for (int64_t c = first; c <= last; ++c) mx = std::max(mx, row[c]);
+    float sum = 0.f;
+    for (int64_t c = 0; c <= last; ++c) {
+      const float e = c < first ? 0.f : std::exp(row[c] - mx);
+      row[c] = e;
+      sum += e;
+    }
+    const float inv = 1.f / sum;
+    for (int64_t c = 0; c <= last; ++c) row[c] *= inv;
+    if (st.probs) {
+      float* pr = st.probs + (bh * s.g + gi) * st.probs_w;
+      const int64_t m = std::min(n + 1, st.probs_w);
+      std::copy(row, row + m, pr);
+      std::fill(pr + m, pr + st.probs_w, 0.f);
+    }
+  }
+  float* ob = st.out + bh * s.g * s.D;
+  std::fill(ob, ob + s.g * s.D, 0.f);
+  const int64_t enc_v = std::min(V.encoded[b * cs], s.nb * s.bs);
+  block_values(V.blocks, lg.data(), W, table, h, enc_v, ob, s);
+  if (V.R) {
+    const float* ring = V.ring + (slot * s.H + h) * V.R * s.D;
+    ring_runs(V.ring_start[b * cs], V.ring_len[b * cs], V.R, [&](int64_t r0, int64_t cnt, int64_t off) {
+      values_tile(lg.data() + enc_v + off, W, s.g, ring + r0 * s.D, cnt, s.D, ob);
+    });
+  }
+  const float* vn = st.vnew + bh * s.D;
+  values_tile(lg.data() + n, W, s.g, vn, 1, s.D, ob);
+  // the new token, after every read of this (sequence, head): nothing else reads these rows
+  for (const Side* side : {&K, &V}) {
+    if (!side->write_new) continue;
+    const float* src = side == &K ? kn : vn;
+    float* dst;
+    if (side->R) {
+      const int64_t at = (side->ring_start[b * cs] + side->ring_len[b * cs]) % side->R;
+      dst = side->ring + ((slot * s.H + h) * side->R + at) * s.D;
+    } else {
+      const int64_t e = side->encoded[b * cs];
+      dst = const_cast<float*>(static_cast<const float*>(side->blocks.data)) +
+            ((table[e / s.bs] * s.H + h) * s.bs + e % s.bs) * s.D;
+    }
+    std::copy(src, src + s.D, dst);
+  }
+}
 
 }  // namespace
 
 // C entry points (ctypes). Return 0 on success, 1 for an unsupported bit width.
+// C entry points (ctypes). Return 0 on success, 1 for an unsupported layout.
 extern "C" {
 
-int kvs_scores_plain(const float* q, const float* x, const int64_t* tables, int64_t tstride,
-                     const int64_t* valid, float* out, int64_t W, float scaling, int64_t B, int64_t H,
-                     int64_t g, int64_t D, int64_t nb, int64_t bs) {
-  scores_plain(q, x, tables, tstride, valid, out, W, scaling, Shape{B, H, g, D, nb, bs});
+int kvs_scores(const Blocks* k, const float* q, const int64_t* tables, int64_t tstride, const int64_t* valid,
+               float* out, int64_t W, float scaling, int64_t B, int64_t H, int64_t g, int64_t D, int64_t nb,
+               int64_t bs) {
+  if (!readable(*k, false)) return 1;
+  const Shape s{B, H, g, D, nb, bs};
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
+    float* ob = out + bh * s.g * W;
+    block_scores(*k, q + bh * s.g * s.D, tables + b * tstride, h, end, scaling, ob, W, s);
+    fill_masked(ob, W, s, end);
+  });
   return 0;
 }
 
-int kvs_values_plain(const float* p, int64_t W, const float* x, const int64_t* tables, int64_t tstride,
-                     const int64_t* valid, float* out, int64_t B, int64_t H, int64_t g, int64_t D, int64_t nb,
-                     int64_t bs) {
-  values_plain(p, W, x, tables, tstride, valid, out, Shape{B, H, g, D, nb, bs});
+int kvs_values(const Blocks* v, const float* p, int64_t W, const int64_t* tables, int64_t tstride,
+               const int64_t* valid, float* out, int64_t B, int64_t H, int64_t g, int64_t D, int64_t nb,
+               int64_t bs) {
+  if (!readable(*v, true)) return 1;
+  const Shape s{B, H, g, D, nb, bs};
+  each_head(s, valid, [&](int64_t bh, int64_t b, int64_t h, int64_t end) {
+    float* ob = out + bh * s.g * s.D;
+    std::fill(ob, ob + s.g * s.D, 0.f);
+    block_values(*v, p + bh * s.g * W, W, tables + b * tstride, h, end, ob, s);
+  });
   return 0;
 }
 
-int kvs_scores_quant(int per_channel, int bits, int64_t group, const float* q, const uint8_t* codes,
-                     const void* scale, const void* zero, const int64_t* tables, int64_t tstride,
-                     const int64_t* valid, float* out, int64_t W, float scaling, int64_t B, int64_t H, int64_t g,
-                     int64_t D, int64_t nb, int64_t bs) {
+// One layer's decode attention for the whole batch, one (sequence, KV head) pair per task: block,
+// ring and new-token scores, soft-cap, window, sink, softmax, weighted values, then the new token's
+// store where the side asks for it. The probabilities, in stored order, go to `probs` if given.
+int kvs_decode(const Side* k, const Side* v, const Step* st, int64_t B, int64_t H, int64_t g, int64_t D,
+               int64_t nb, int64_t bs) {
+  if (!readable(k->blocks, false) || !readable(v->blocks, true)) return 1;
   const Shape s{B, H, g, D, nb, bs};
-  auto sc = static_cast<const half*>(scale), ze = static_cast<const half*>(zero);
-  if (per_channel)
-    return by_bits<ScoresPerChannel>(bits, q, codes, sc, ze, tables, tstride, valid, out, W, scaling, s, group);
-  return by_bits<ScoresPerToken>(bits, q, codes, sc, ze, tables, tstride, valid, out, W, scaling, s, group);
-}
-
-int kvs_values_quant(int bits, int64_t group, const float* p, int64_t W, const uint8_t* codes, const void* scale,
-                     const void* zero, const int64_t* tables, int64_t tstride, const int64_t* valid, float* out,
-                     int64_t B, int64_t H, int64_t g, int64_t D, int64_t nb, int64_t bs) {
-  const Shape s{B, H, g, D, nb, bs};
-  auto sc = static_cast<const half*>(scale), ze = static_cast<const half*>(zero);
-  return by_bits<ValuesPerToken>(bits, p, W, codes, sc, ze, tables, tstride, valid, out, s, group);
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> lg;
+    for (int64_t bh = lo; bh < hi; ++bh) decode_head(*k, *v, *st, s, bh / H, bh % H, lg);
+  });
+  return 0;
 }
 }

@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kvshrink.engine.kernels import block_reader
+from kvshrink.engine.kernels import DecodeKernel, block_reader
 from kvshrink.layer_types import layer_types
 from kvshrink.methods import CompressionMethod
 from kvshrink.methods.base import (
@@ -252,6 +252,14 @@ class KVStore:
                     rows = {"x": ring.view(self.L * S, self.H, ring.shape[3], self.D)}
                     setattr(self, f"{side}res_reader",
                             block_reader(RowFormat(), rows, self.H, self.D, ring.shape[3], dtype, device))
+        # one call per layer for the whole decode attention, where every part of it has a kernel
+        self.decode_kernel = None
+        rings_read = all(r is None or rr is not None for r, rr in ((self.kres, self.kres_reader),
+                                                                   (self.vres, self.vres_reader)))
+        if self.k_reader is not None and self.v_reader is not None and rings_read and dtype == torch.float32:
+            # the kernel stores the new token where that is a plain copy: into a ring, or into plain blocks
+            plain_new = [lay.ring > 0 or lay.enc.row_format(self.D) == RowFormat() for lay in (self.k, self.v)]
+            self.decode_kernel = DecodeKernel(self.k_reader, self.v_reader, (self.kres, self.vres), tuple(plain_new))
         self._free_slots = list(range(S - 1, -1, -1))
         max_ctx = int(getattr(config, "max_position_embeddings", 0) or 1 << 15)
         self.max_blocks_per_layer = min(-(-max_ctx // block_size) + 2, self.num_blocks + 1)

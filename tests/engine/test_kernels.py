@@ -76,16 +76,39 @@ def test_layouts_the_kernels_do_not_read_fall_back():
     assert block_reader(plain, {"x": torch.zeros(2, H, BS, 36)}, H, 36, BS, torch.float32, CPU) is None
 
 
+def recording(runner) -> list[torch.Tensor]:
+    """Every logits tensor ``runner.forward`` returns from now on."""
+    seen, forward = [], runner.forward
+
+    def record(*args, **kwargs):
+        seen.append(forward(*args, **kwargs))
+        return seen[-1]
+
+    runner.forward = record
+    return seen
+
+
 @pytest.mark.parametrize("spec", ["full", "kivi:bits=4,residual=32", "kivi:bits=2,residual=32", "int8", "int4",
                                   "h2o:ratio=0.5+kivi:bits=4,residual=32", "streamingllm:ratio=0.5"])
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding layers and a logit soft-cap
-def test_engine_tokens_do_not_depend_on_the_kernels(spec, arch):
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_oss"])  # gemma2: sliding layers, soft-cap; gpt-oss: sinks
+def test_engine_does_not_depend_on_the_kernels(spec, arch):
+    """Three paths, the same logits at every step: one fused kernel call per layer, the per-side
+    readers (what runs where one part has no kernel: a bf16 ring), and eager PyTorch."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (70, 9, 151)]
-    runs = {}
-    for on in (True, False):
-        eng = Engine(model, method=spec, kv_memory="8MiB", block_size=32, paged_kernels=on)
-        assert (eng.store.k_reader is not None) == on and (eng.store.v_reader is not None) == on
-        runs[on] = [r["token_ids"] for r in eng.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))]
-    assert runs[True] == runs[False]
+    tokens, logits = {}, {}
+    for path in ("fused", "readers", "eager"):
+        eng = Engine(model, method=spec, kv_memory="8MiB", block_size=32, paged_kernels=path != "eager")
+        st = eng.store
+        assert (st.k_reader is not None) == (path != "eager") and (st.v_reader is not None) == (path != "eager")
+        assert (st.decode_kernel is not None) == (path != "eager")
+        if path == "readers":
+            st.decode_kernel = None
+        logits[path] = recording(eng.runner)
+        tokens[path] = [r["token_ids"] for r in eng.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))]
+    assert tokens["fused"] == tokens["readers"] == tokens["eager"]
+    for path in ("fused", "readers"):
+        assert len(logits[path]) == len(logits["eager"]) >= 40, "every step's logits recorded"
+        for got, ref in zip(logits[path], logits["eager"]):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
