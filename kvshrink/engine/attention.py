@@ -125,11 +125,11 @@ def decode_attention(batch: DecodeBatch, module, query, key, value, scaling, win
     B, Hq, _, D = query.shape
     H, bs = st.H, st.bs
     g = Hq // H
-    nb, width = batch.blocks[layer], batch.width[layer]
-    n = batch.stored[:, layer]
     q = query.view(B, H, g, D)
     if st.decode_kernel is not None:
         return _fused_decode(batch, layer, q, key, value, scaling, window, softcap, sinks)
+    nb, width = batch.blocks[layer], batch.width[layer]
+    n = batch.stored[:, layer]
     kread, vread = st.k_reader, st.v_reader
     if nb:
         tables = batch.tables[:, layer, :nb]

@@ -163,7 +163,7 @@ class DecodeKernel:
 
     def __init__(self, k: BlockReader, v: BlockReader, rings: tuple[torch.Tensor | None, torch.Tensor | None],
                  write_new: tuple[bool, bool]):
-        self.lib, self.bs, self.D = k.lib, k.bs, k.D
+        self.lib, self.bs = k.lib, k.bs
         self.readers, self.rings, self.write_new = (k, v), rings, write_new
 
     def __call__(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, tables: torch.Tensor,

@@ -507,7 +507,6 @@ void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, i
 
 }  // namespace
 
-// C entry points (ctypes). Return 0 on success, 1 for an unsupported bit width.
 // C entry points (ctypes). Return 0 on success, 1 for an unsupported layout.
 extern "C" {
 
