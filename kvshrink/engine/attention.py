@@ -68,13 +68,14 @@ def gather_tokens(store: KVStore, batch: DecodeBatch, side: str, layer: int, n: 
 
 
 def commit(batch: DecodeBatch, layer: int, key: torch.Tensor, value: torch.Tensor,
-           written: tuple[bool, bool] = (False, False)) -> None:
+           written: tuple[bool, bool] = (False, False), flushed: tuple[bool, bool] = (False, False)) -> None:
     """Store this step's token of every sequence (``key``/``value`` [B, H, 1, D]) for ``layer``:
     straight into blocks, or into the residual ring and out of it as the stream policy says.
-    ``written``: per side, the new token is in place already (the decode kernel copied it)."""
+    ``written``/``flushed``: per side, the decode kernel stored the new token / encoded the rows
+    leaving the ring already."""
     st = batch.store
     tables = batch.tables[:, layer]
-    for side, x, done in (("k", key, written[0]), ("v", value, written[1])):
+    for side, x, done, flush_done in (("k", key, written[0], flushed[0]), ("v", value, written[1], flushed[1])):
         lay = st.k if side == "k" else st.v
         encoded = (batch.encoded_k if side == "k" else batch.encoded_v)[:, layer]
         if not lay.ring:
@@ -86,6 +87,8 @@ def commit(batch: DecodeBatch, layer: int, key: torch.Tensor, value: torch.Tenso
         length = (batch.ring_k_len if side == "k" else batch.ring_v_len)[:, layer]
         if not done:
             ring_t[batch.slots_d, :, (start + length) % lay.ring] = x[:, :, 0]
+        if flush_done:
+            continue
         for group in (batch.commits_k if side == "k" else batch.commits_v)[layer]:
             rows = group.rows
             pos = (start[rows, None] + torch.arange(group.n, device=rows.device)[None, :]) % lay.ring
@@ -204,15 +207,17 @@ def _fused_decode(batch: DecodeBatch, layer: int, q, key, value, scaling, window
     width = batch.width[layer]
     observe = batch.observe and st.selects[layer]
     with timed("decode.attend"):
-        counters = ((batch.encoded_k[:, layer], batch.ring_k_start[:, layer], batch.ring_k_len[:, layer]),
-                    (batch.encoded_v[:, layer], batch.ring_v_start[:, layer], batch.ring_v_len[:, layer]))
+        counters = ((batch.encoded_k[:, layer], batch.ring_k_start[:, layer], batch.ring_k_len[:, layer],
+                     batch.encode_k[:, layer]),
+                    (batch.encoded_v[:, layer], batch.ring_v_start[:, layer], batch.ring_v_len[:, layer],
+                     batch.encode_v[:, layer]))
         out, probs = kern(q.float(), key.float(), value.float(), layer, batch.tables[:, layer, : max(batch.blocks[layer], 1)],
                           batch.slots_d, batch.stored[:, layer], counters, scaling, softcap, window, sinks,
                           probs_width=width if observe else 0)
         if observe:
             st.selector_states[layer].observe(batch.slots_d, probs.view(B, H * g, width))
     with timed("decode.commit"):
-        commit(batch, layer, key, value, written=kern.write_new)
+        commit(batch, layer, key, value, written=kern.write_new, flushed=kern.flush)
     return out.to(value.dtype).view(B, H * g, 1, D).transpose(1, 2).contiguous()
 
 

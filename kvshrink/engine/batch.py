@@ -47,8 +47,10 @@ class DecodeBatch:
          self.stored, self.encode_k, self.encode_v) = counts.unbind(0)
         self.tables = dev[n_counts : n_counts + tables.numel()].view(tables.shape)
         self.slots_d = dev[n_counts + tables.numel() :]
-        self.commits_k = _commit_groups(growth.encode_k, st.k.ring, st.device)
-        self.commits_v = _commit_groups(growth.encode_v, st.v.ring, st.device)
+        # the rows leaving each ring, for the commits the decode kernel does not do itself
+        flushed = st.decode_kernel.flush if st.decode_kernel is not None else (False, False)
+        self.commits_k = _commit_groups(growth.encode_k, st.k.ring and not flushed[0], st.device)
+        self.commits_v = _commit_groups(growth.encode_v, st.v.ring and not flushed[1], st.device)
         self.observe = st.method.selector.observes_decode() and bool((st.hold[growth.slots] >= 0).any())
 
 
@@ -73,18 +75,15 @@ class PrefillSegment:
         return self.end == self.total
 
 
-def _commit_groups(encode: torch.Tensor, ring: int, device) -> list[list[CommitGroup]]:
-    """Per layer, the distinct non-zero counts of tokens leaving the ring (usually none or one)."""
-    if not ring:
-        return [[] for _ in range(encode.shape[1])]
-    out = []
-    for col in encode.t():
-        groups = []
-        if bool(col.any()):
-            for n in col.unique().tolist():
-                if n:
-                    groups.append(CommitGroup(n, (col == n).nonzero().flatten().to(device)))
-        out.append(groups)
+def _commit_groups(encode: torch.Tensor, flushes: bool, device) -> list[list[CommitGroup]]:
+    """Per layer, the distinct non-zero counts of tokens leaving the ring (usually none or one);
+    all empty where ``flushes`` is false (no ring, or the decode kernel flushes it)."""
+    out: list[list[CommitGroup]] = [[] for _ in range(encode.shape[1])]
+    if not flushes:
+        return out
+    for layer in encode.any(0).nonzero().flatten().tolist():
+        col = encode[:, layer]
+        out[layer] = [CommitGroup(n, (col == n).nonzero().flatten().to(device)) for n in col.unique().tolist() if n]
     return out
 
 

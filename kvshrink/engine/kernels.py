@@ -44,7 +44,7 @@ class _Blocks(ctypes.Structure):  # paged_kernels.cpp: struct Blocks
 
 class _Side(ctypes.Structure):  # struct Side
     _fields_ = [("blocks", _Blocks), ("encoded", _P), ("ring", _P), ("R", _I64), ("ring_start", _P),
-                ("ring_len", _P), ("write_new", _I32)]
+                ("ring_len", _P), ("write_new", _I32), ("leaving", _P)]
 
 
 class _Step(ctypes.Structure):  # struct Step
@@ -125,7 +125,9 @@ class BlockReader:
                  head_dim: int, block_size: int):
         self.lib, self.fmt, self.fields = lib, fmt, fields
         self.H, self.D, self.bs = heads, head_dim, block_size
-        self.can_weight = not fmt.per_channel  # values in per-channel token groups: not written (no codec uses it)
+        # per-token rows (plain, or channel groups): the kernels weight them and store a token into them;
+        # per-channel token groups (KIVI keys) are scored only (no codec keeps values that way)
+        self.can_weight = self.can_store = not fmt.per_channel
         quant = fmt.bits != 0
         self.blocks = _Blocks(fmt.bits, int(fmt.per_channel), fmt.group,
                               _ptr(fields["q"] if quant else fields["x"]),
@@ -155,35 +157,39 @@ class BlockReader:
 class DecodeKernel:
     """One layer's whole decode attention in one call, from the pool's blocks and residual rings:
     block, ring and new-token scores, soft-cap, sliding window, sink, softmax and weighted values for
-    every (sequence, KV head) pair, and the new token's store into the ring, or into plain blocks
-    (``write_new``: the sides where that store is all a commit does). What ``decode_attention``'s
-    eager and per-reader paths compute, without their ~40 small tensor ops per layer.
+    every (sequence, KV head) pair; then the stores: per side, the new token into the ring or into
+    the blocks (copied, or encoded into per-token groups: ``write_new``), and the rows that leave a
+    chunk-1 ring this step encoded into the blocks (``flush``) — for those sides that is all a commit
+    does. What ``decode_attention``'s eager and per-reader paths compute, without their ~40 small
+    tensor ops per layer, and without a commit's gather, encode and scatter of one token per layer.
 
     ``rings``: per side, the pool's ``[L, S, H, R, D]`` fp32 residual rings, or None."""
 
     def __init__(self, k: BlockReader, v: BlockReader, rings: tuple[torch.Tensor | None, torch.Tensor | None],
-                 write_new: tuple[bool, bool]):
+                 write_new: tuple[bool, bool], flush: tuple[bool, bool] = (False, False)):
         self.lib, self.bs = k.lib, k.bs
-        self.readers, self.rings, self.write_new = (k, v), rings, write_new
+        self.readers, self.rings, self.write_new, self.flush = (k, v), rings, write_new, flush
 
     def __call__(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, tables: torch.Tensor,
                  slots: torch.Tensor, stored: torch.Tensor, counters: tuple[tuple[torch.Tensor, ...], ...],
                  scaling: float, softcap: float | None, window: int | None, sinks: torch.Tensor | None,
                  probs_width: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``q`` [B, H, g, D]; ``key``/``value`` [B, H, 1, D] (the new token); ``tables`` [B, nb] (row
-        stride free); ``stored`` and ``counters`` (per side: encoded, ring start, ring length) [B]
-        columns of one [B, L] step tensor (same stride). Returns the output [B, H, g, D] float32 and,
-        if ``probs_width``, the probabilities [B, H, g, probs_width] in stored order."""
+        stride free); ``stored`` and ``counters`` (per side: encoded, ring start, ring length, rows
+        leaving the ring this step) [B] columns of one [B, L] step tensor (same stride). Returns the
+        output [B, H, g, D] float32 and, if ``probs_width``, the probabilities [B, H, g, probs_width]
+        in stored order."""
         B, H, g, D = q.shape
         q, key, value = q.contiguous(), key.contiguous(), value.contiguous()
         out = torch.empty(B, H, g, D, dtype=torch.float32)
         probs = torch.empty(B, H, g, probs_width, dtype=torch.float32) if probs_width else None
         sides = []
-        for reader, ring, write, (encoded, start, length) in zip(self.readers, self.rings, self.write_new, counters):
+        for reader, ring, write, flush, (encoded, start, length, leaving) in zip(
+                self.readers, self.rings, self.write_new, self.flush, counters):
             r = ring[layer] if ring is not None else None
             sides.append(_Side(reader.blocks, _ptr(encoded), _ptr(r), r.shape[2] if r is not None else 0,
                                _ptr(start) if r is not None else None, _ptr(length) if r is not None else None,
-                               int(write)))
+                               int(write), _ptr(leaving) if flush else None))
         sink = sinks.float().contiguous() if sinks is not None else None
         step = _Step(_ptr(q), _ptr(key), _ptr(value), _ptr(tables), _ptr(slots), _ptr(stored), tables.stride(0),
                      stored.stride(0), scaling, float(softcap or 0.0), int(window or 0), _ptr(sink), _ptr(out),

@@ -410,8 +410,68 @@ struct Side {
   int64_t R;
   const int64_t* ring_start;
   const int64_t* ring_len;
-  int32_t write_new;  // store the new token: into the ring (R > 0) or, plain, into the blocks
+  int32_t write_new;        // store the new token: into the ring (R > 0), else into the blocks (encoded)
+  const int64_t* leaving;   // per row, ring rows encoded into the blocks this step (chunk-1 streams), or null
 };
+
+// ------------------------------------------------------------------ encoding a token into blocks
+// What GroupQuantEncoder.encode (kvshrink/methods/quant.py) stores for one token of one head, bit for
+// bit: per group of C channels, asymmetric z = half(min), s = half((max - min) / (2^b - 1)), codes
+// round-half-even((x - z) / max(s, 1e-8)) in [0, 2^b - 1]; symmetric s = half(max|x| / qmax), codes
+// round((x / s)) in [-qmax, qmax] offset by 2^(b-1); packed 8/b per byte, channel i*per + k in bits
+// k*b of byte i. Quantising against the rounded scale keeps |x - x'| <= s/2 for what is stored.
+inline half to_half(float f) {
+  const _Float16 x = static_cast<_Float16>(f);
+  half h;
+  std::memcpy(&h, &x, sizeof h);
+  return h;
+}
+
+template <int BITS> struct EncodeRow {
+  static void run(const Blocks& bl, const float* x, int64_t tok, int64_t D) {
+    constexpr int per = 8 / BITS;
+    constexpr float qmax_asym = static_cast<float>((1 << BITS) - 1);
+    constexpr float qmax_sym = static_cast<float>((1 << (BITS - 1)) - 1);
+    const int64_t C = bl.group, ng = D / C;
+    uint8_t* codes = const_cast<uint8_t*>(static_cast<const uint8_t*>(bl.data)) + tok * (D / per);
+    half* scale = const_cast<half*>(static_cast<const half*>(bl.scale)) + tok * ng;
+    half* zero = bl.zero ? const_cast<half*>(static_cast<const half*>(bl.zero)) + tok * ng : nullptr;
+    std::fill(codes, codes + D / per, uint8_t{0});
+    for (int64_t grp = 0; grp < ng; ++grp) {
+      const float* xg = x + grp * C;
+      float lo = xg[0], hi = xg[0], amax = std::fabs(xg[0]);
+      for (int64_t c = 1; c < C; ++c) {
+        lo = std::min(lo, xg[c]);
+        hi = std::max(hi, xg[c]);
+        amax = std::max(amax, std::fabs(xg[c]));
+      }
+      const half hs = to_half(zero ? (hi - lo) / qmax_asym : amax / qmax_sym);
+      scale[grp] = hs;
+      const float s = std::max(f32(hs), 1e-8f);
+      float z = 0.f;
+      if (zero) {
+        zero[grp] = to_half(lo);
+        z = f32(zero[grp]);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        float q = std::nearbyint((xg[c] - z) / s);
+        q = zero ? std::min(std::max(q, 0.f), qmax_asym) : std::min(std::max(q, -qmax_sym), qmax_sym) + qmax_sym + 1.f;
+        const int64_t d = grp * C + c;
+        codes[d / per] |= static_cast<uint8_t>(static_cast<int>(q) << ((d % per) * BITS));
+      }
+    }
+  }
+};
+
+// Token `pos` of head h (its block from `table`): a copy (plain) or the encoder's codes (per-token groups).
+void store_token(const Blocks& bl, const float* x, const int64_t* table, int64_t h, int64_t pos, const Shape& s) {
+  const int64_t tok = (table[pos / s.bs] * s.H + h) * s.bs + pos % s.bs;
+  if (bl.bits == 0) std::copy(x, x + s.D, const_cast<float*>(static_cast<const float*>(bl.data)) + tok * s.D);
+  else by_bits<EncodeRow>(bl.bits, bl, x, tok, s.D);
+}
+
+// Which layouts the kernel can store a token into: plain, or per-token groups (not KIVI's key groups).
+bool storable(const Blocks& b) { return b.bits == 0 || (readable(b, true) && !b.per_channel); }
 
 // Ring rows [start, start + len) modulo R: at most two contiguous runs. f(first row, count, offset).
 template <typename F>
@@ -488,20 +548,20 @@ void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, i
   }
   const float* vn = st.vnew + bh * s.D;
   values_tile(lg.data() + n, W, s.g, vn, 1, s.D, ob);
-  // the new token, after every read of this (sequence, head): nothing else reads these rows
+  // The stores, after every read of this (sequence, head): nothing else reads these rows. First the
+  // ring's oldest rows that leave it (into the blocks, after the encoded ones), then the new token
+  // (into the ring's next free row, which a ring of R = residual + 1 rows never shares with them).
   for (const Side* side : {&K, &V}) {
+    const int64_t e = side->encoded[b * cs];
+    float* ring = side->R ? side->ring + (slot * s.H + h) * side->R * s.D : nullptr;
+    const int64_t start = side->R ? side->ring_start[b * cs] : 0;
+    const int64_t n_out = side->leaving ? side->leaving[b * cs] : 0;
+    for (int64_t i = 0; i < n_out; ++i)
+      store_token(side->blocks, ring + ((start + i) % side->R) * s.D, table, h, e + i, s);
     if (!side->write_new) continue;
     const float* src = side == &K ? kn : vn;
-    float* dst;
-    if (side->R) {
-      const int64_t at = (side->ring_start[b * cs] + side->ring_len[b * cs]) % side->R;
-      dst = side->ring + ((slot * s.H + h) * side->R + at) * s.D;
-    } else {
-      const int64_t e = side->encoded[b * cs];
-      dst = const_cast<float*>(static_cast<const float*>(side->blocks.data)) +
-            ((table[e / s.bs] * s.H + h) * s.bs + e % s.bs) * s.D;
-    }
-    std::copy(src, src + s.D, dst);
+    if (side->R) std::copy(src, src + s.D, ring + ((start + side->ring_len[b * cs]) % side->R) * s.D);
+    else store_token(side->blocks, src, table, h, e, s);
   }
 }
 
@@ -542,6 +602,8 @@ int kvs_values(const Blocks* v, const float* p, int64_t W, const int64_t* tables
 int kvs_decode(const Side* k, const Side* v, const Step* st, int64_t B, int64_t H, int64_t g, int64_t D,
                int64_t nb, int64_t bs) {
   if (!readable(k->blocks, false) || !readable(v->blocks, true)) return 1;
+  for (const Side* side : {k, v})
+    if ((side->leaving || (side->write_new && !side->R)) && !storable(side->blocks)) return 1;
   const Shape s{B, H, g, D, nb, bs};
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> lg;

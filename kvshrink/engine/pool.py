@@ -257,9 +257,12 @@ class KVStore:
         rings_read = all(r is None or rr is not None for r, rr in ((self.kres, self.kres_reader),
                                                                    (self.vres, self.vres_reader)))
         if self.k_reader is not None and self.v_reader is not None and rings_read and dtype == torch.float32:
-            # the kernel stores the new token where that is a plain copy: into a ring, or into plain blocks
-            plain_new = [lay.ring > 0 or lay.enc.row_format(self.D) == RowFormat() for lay in (self.k, self.v)]
-            self.decode_kernel = DecodeKernel(self.k_reader, self.v_reader, (self.kres, self.vres), tuple(plain_new))
+            # the kernel stores the new token into a ring, or into blocks it can store into; and it
+            # encodes the rows leaving a ring one at a time (KIVI's values), where it can store them
+            sides = ((self.k, self.k_reader), (self.v, self.v_reader))
+            write_new = tuple(lay.ring > 0 or reader.can_store for lay, reader in sides)
+            flush = tuple(lay.ring > 0 and lay.chunk == 1 and reader.can_store for lay, reader in sides)
+            self.decode_kernel = DecodeKernel(self.k_reader, self.v_reader, (self.kres, self.vres), write_new, flush)
         self._free_slots = list(range(S - 1, -1, -1))
         max_ctx = int(getattr(config, "max_position_embeddings", 0) or 1 << 15)
         self.max_blocks_per_layer = min(-(-max_ctx // block_size) + 2, self.num_blocks + 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvshrink.engine import Engine, SamplingParams
-from kvshrink.engine.kernels import block_reader, library
+from kvshrink.engine.kernels import DecodeKernel, block_reader, library
 from kvshrink.methods import parse
 from tests.conftest import tiny_model
 
@@ -112,3 +112,58 @@ def test_engine_does_not_depend_on_the_kernels(spec, arch):
         assert len(logits[path]) == len(logits["eager"]) >= 40, "every step's logits recorded"
         for got, ref in zip(logits[path], logits["eager"]):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4:group=32", "kivi:bits=2", "kivi:bits=4"])
+def test_the_decode_kernel_stores_tokens_as_the_encoder_does(spec):
+    """Bit for bit: a new token stored straight into quantised blocks (int8/int4 keys and values), and
+    the row leaving a one-token-at-a-time residual ring (KIVI's values) encoded into the blocks, hold
+    the codes, scales and zeros ``Encoder.encode`` gives (the Python commit's path); the new token
+    goes to the ring's next free row; nothing else is written."""
+    codec = parse(spec).codec
+    ring = 5 if spec.startswith("kivi") else 0  # a residual of 4 tokens, chunk 1: R + 1 rows
+    encoders = []
+    for enc in (codec.key_encoder(), codec.value_encoder()):
+        stores = enc.row_format(D).per_channel is False and not ring
+        encoders.append(enc if stores or enc is codec.value_encoder() else parse("fp").codec.key_encoder())
+    readers, fields = [], []
+    for i, enc in enumerate(encoders):
+        f, _ = encoded_blocks(enc, 4, seed=i)
+        fields.append(f)
+        readers.append(block_reader(enc.row_format(D), f, H, D, BS, torch.float32, CPU))
+    before = [{k: t.clone() for k, t in f.items()} for f in fields]
+    g = torch.Generator().manual_seed(2)
+    rings = (None, torch.randn(1, 2, H, ring, D, generator=g) if ring else None)
+    kern = DecodeKernel(readers[0], readers[1], rings, write_new=(True, True), flush=(False, bool(ring)))
+    B = 2
+    tables = torch.tensor([[1, 2], [3, 0]])
+    encoded = torch.tensor([[40], [5]])  # tokens in blocks: the next one lands in block 2 row 8, block 3 row 5
+    start, length = torch.tensor([[3], [0]]), torch.tensor([[4], [3]])  # row 0's ring wraps
+    leaving = torch.tensor([[1], [0]])  # row 0's oldest ring row (ring row 3) leaves this step
+    zeros = torch.zeros(B, 1, dtype=torch.long)
+    stored = encoded + (length if ring else 0)
+    q = torch.randn(B, H, G, D, generator=g)
+    key, value = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+    ring_before = rings[1].clone() if ring else None
+    kern(q, key, value, 0, tables, torch.tensor([0, 1]), stored[:, 0],
+         ((encoded[:, 0], zeros[:, 0], zeros[:, 0], zeros[:, 0]),
+          (encoded[:, 0], start[:, 0], length[:, 0], leaving[:, 0])), 0.125, None, None, None)
+    expected = [{k: t.clone() for k, t in b.items()} for b in before]
+    for side, (enc, x) in enumerate(zip(encoders, (key, value))):
+        if side == 1 and ring:  # the leaving row of sequence 0 goes to its position 40; the new ones to the ring
+            x, rows = ring_before[0, 0, :, 3][None, :, None], [(0, 40)]
+        else:
+            rows = [(0, 40), (1, 5)]
+        for b, pos in rows:
+            payload = enc.encode(x[b : b + 1])
+            blk = int(tables[b, pos // BS])
+            for name, t in payload.items():
+                expected[side][name][blk, :, pos % BS] = t[0, :, 0]
+    for side in range(2):
+        for name, t in fields[side].items():
+            assert torch.equal(t.nan_to_num(), expected[side][name].nan_to_num()), (side, name)
+    if ring:
+        want = ring_before.clone()
+        want[0, 0, :, (3 + 4) % ring] = value[0, :, 0]
+        want[0, 1, :, 3] = value[1, :, 0]
+        assert torch.equal(rings[1], want)
