@@ -299,3 +299,20 @@ def test_engine_refuses_a_forward_its_attention_did_not_serve():
     (res,) = eng.generate(prompts((12,)), SamplingParams(max_tokens=2))  # a step's error fails its requests
     assert res["finish_reason"] == "error" and res["token_ids"] == []
     assert res["error"].startswith(CompressionNotInEffect.__name__) and "ran in 1 of 2 layers" in res["error"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_steps_leave_the_models_attention_as_they_found_it(arch):
+    """The engine routes attention to its function for a step only: between steps the model is the
+    caller's (eager here, not the sdpa it was built with), and its plain forward is unchanged."""
+    model = tiny_model(arch)
+    model.set_attn_implementation("eager")
+    ids = torch.tensor([prompts((12,))[0]])
+    ref = model(input_ids=ids).logits
+    eng = Engine(model, method=method("kivi:bits=4"), kv_memory="8MiB", block_size=8)
+    eng.add_request(prompts((12,))[0], SamplingParams(max_tokens=3))
+    for _ in range(2):
+        eng.step()
+        implementations = {getattr(m, "config", model.config)._attn_implementation for m in model.modules()}
+        assert implementations == {"eager"}
+        torch.testing.assert_close(model(input_ids=ids).logits, ref)
