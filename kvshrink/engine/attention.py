@@ -34,9 +34,13 @@ from kvshrink.methods.scoring import attention_scores, cap, eager_attention, win
 def ring_positions(batch: DecodeBatch, side: str, layer: int, ring: int, scratch: int) -> torch.Tensor:
     """[B, ring]: the token position (stored order) of each residual-ring slot, ``scratch`` if empty."""
     k = side == "k"
-    start = (batch.ring_k_start if k else batch.ring_v_start)[:, layer]
-    length = (batch.ring_k_len if k else batch.ring_v_len)[:, layer]
-    base = (batch.encoded_k if k else batch.encoded_v)[:, layer]
+    return ring_columns((batch.ring_k_start if k else batch.ring_v_start)[:, layer],
+                        (batch.ring_k_len if k else batch.ring_v_len)[:, layer],
+                        (batch.encoded_k if k else batch.encoded_v)[:, layer], ring, scratch)
+
+
+def ring_columns(start: torch.Tensor, length: torch.Tensor, base: torch.Tensor, ring: int, scratch: int) -> torch.Tensor:
+    """[R, ring]: per row (ring start, length, tokens in blocks before it), each ring slot's position."""
     rel = (torch.arange(ring, device=start.device)[None, :] - start[:, None]) % ring
     return torch.where(rel < length[:, None], base[:, None] + rel, torch.full_like(rel, scratch))
 
@@ -50,20 +54,25 @@ def ring_full(batch: DecodeBatch, ring: int) -> torch.Tensor:
     return torch.full((batch.B,), ring, dtype=torch.long, device=batch.slots_d.device)
 
 
-def gather_tokens(store: KVStore, batch: DecodeBatch, side: str, layer: int, n: int) -> torch.Tensor:
-    """[B, H, n, D]: the first ``n`` stored tokens of ``layer`` in stored order (blocks, then ring)."""
-    st = store
-    B, H, D, bs = batch.B, st.H, st.D, st.bs
-    nb, width = batch.blocks[layer], batch.width[layer]
-    out = torch.zeros(B, H, width + 1, D, dtype=st.dtype, device=st.device)
+def stored_tokens(store: KVStore, side: str, slots: torch.Tensor, layers: torch.Tensor, n: int) -> torch.Tensor:
+    """[R, H, n, D]: the first ``n`` stored tokens of layer ``layers[r]`` of slot ``slots[r]`` (host
+    index tensors, any pairs) in stored order (blocks, then ring), decoded."""
+    st, c = store, store.counters
+    R, H, D, bs = len(slots), st.H, st.D, st.bs
+    nb = int(c.blocks[slots, layers].max()) if R else 0
+    width = max(nb * bs, int(c.stored[slots, layers].max()) + 1 if R else 1)
+    out = torch.zeros(R, H, width + 1, D, dtype=st.dtype, device=st.device)
     if nb:
-        dec = st.read_blocks(side, batch.tables[:, layer, :nb].reshape(-1))  # [B*nb, H, bs, D]
-        out[:, :, : nb * bs].view(B, H, nb, bs, D).copy_(dec.view(B, nb, H, bs, D).transpose(1, 2))
+        tables = st.table[slots, layers, :nb].to(st.device)
+        dec = st.read_blocks(side, tables.reshape(-1))  # [R*nb, H, bs, D]
+        out[:, :, : nb * bs].view(R, H, nb, bs, D).copy_(dec.view(R, nb, H, bs, D).transpose(1, 2))
     ring = st.k.ring if side == "k" else st.v.ring
     if ring:
-        res = (st.kres if side == "k" else st.vres)[layer].index_select(0, batch.slots_d)  # [B, H, ring, D]
-        tgt = ring_positions(batch, side, layer, ring, width)
-        out.scatter_(2, tgt[:, None, :, None].expand(B, H, ring, D), res)
+        k = side == "k"
+        res = (st.kres if k else st.vres)[layers.to(st.device), slots.to(st.device)]  # [R, H, ring, D]
+        counts = (c.ring_k_start, c.ring_k_len, c.encoded_k) if k else (c.ring_v_start, c.ring_v_len, c.encoded_v)
+        tgt = ring_columns(*(t[slots, layers].to(st.device) for t in counts), ring, width)
+        out.scatter_(2, tgt[:, None, :, None].expand(R, H, ring, D), res)
     return out[:, :, :n]
 
 

@@ -341,31 +341,35 @@ class KVStore:
         self._free_slots.append(s)
 
     def free_layers(self, slots: torch.Tensor, layers: torch.Tensor) -> None:
-        """Give back every block of ``layers`` of ``slots`` and zero their counters."""
+        """Give back every block of layer ``layers[i]`` of slot ``slots[i]`` (index tensors that
+        broadcast: pairs, or one slot and many layers) and zero their counters."""
         c = self.counters
-        sub = self.table[slots[:, None], layers[None, :]]  # [b, l, maxb]
-        held = torch.arange(sub.shape[-1])[None, None, :] < c.blocks[slots[:, None], layers[None, :], None]
+        sub = self.table[slots, layers]  # [..., maxb]
+        held = torch.arange(sub.shape[-1]) < c.blocks[slots, layers][..., None]
         self.pool.free(sub[held])
-        self.table[slots[:, None], layers[None, :]] = 0
+        self.table[slots, layers] = 0
         for f in fields(c):
-            getattr(c, f.name)[slots[:, None], layers[None, :]] = 0
+            getattr(c, f.name)[slots, layers] = 0
 
     def _grow(self, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
         """Append ``new_blocks[b, l]`` fresh blocks to layer ``l`` of ``slots[b]`` (the pool has them)."""
-        total = int(new_blocks.sum())
+        b, L = new_blocks.shape
+        self._grow_pairs(slots.repeat_interleave(L), torch.arange(L).repeat(b), new_blocks.reshape(-1))
+
+    def _grow_pairs(self, slots: torch.Tensor, layers: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append ``counts[i]`` fresh blocks to layer ``layers[i]`` of slot ``slots[i]`` (distinct pairs)."""
+        total = int(counts.sum())
         if total == 0:
             return
-        have = self.counters.blocks[slots]
-        if int((have + new_blocks).max()) > self.max_blocks_per_layer:
+        have = self.counters.blocks[slots, layers]
+        if int((have + counts).max()) > self.max_blocks_per_layer:
             raise PoolExhausted("sequence longer than the model context")
         ids = self.pool.alloc(total)
-        flat = new_blocks.reshape(-1)
-        cell = torch.repeat_interleave(torch.arange(flat.numel()), flat)  # which (b, l) each id goes to
-        first = torch.cumsum(flat, 0) - flat
-        col = have.reshape(-1)[cell] + torch.arange(total) - first[cell]
-        L = new_blocks.shape[1]
-        self.table[slots[cell // L], cell % L, col] = ids
-        self.counters.blocks[slots] += new_blocks
+        cell = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # which pair each id goes to
+        first = torch.cumsum(counts, 0) - counts
+        col = have[cell] + torch.arange(total) - first[cell]
+        self.table[slots[cell], layers[cell], col] = ids
+        self.counters.blocks[slots, layers] = have + counts
 
     # ----------------------------------------------------------------------------- decode growth
     def plan_growth(self, slots: torch.Tensor) -> Growth:
@@ -459,19 +463,20 @@ class KVStore:
         if self.vres is not None and T > nv:
             self.vres[layer, rows, :, : T - nv] = v[:, :, nv:]
 
-    def record_stored(self, slots: torch.Tensor, layer: int, T: int,
+    def record_stored(self, slots: torch.Tensor, layer: int | torch.Tensor, T: int,
                       encoded: tuple[int, int] | None = None) -> tuple[int, int]:
         """The accounting half of ``store``: blocks and counters for ``T`` tokens in an empty layer
-        (the simulator calls it alone), the streams encoding what their policies say, or ``encoded``
-        (keys, values; a cut's layout). Returns the tokens the two streams encode."""
+        (``layer``, or per slot ``layer[i]``; the simulator calls it alone), the streams encoding what
+        their policies say, or ``encoded`` (keys, values; a cut's layout). Returns the tokens the two
+        streams encode."""
         nk, nv = encoded if encoded is not None else (self.k.n_to_encode(T), self.v.n_to_encode(T))
-        new_blocks = torch.zeros(len(slots), self.L, dtype=torch.long)
-        new_blocks[:, layer] = (-(-max(nk, nv) // self.bs) - self.counters.blocks[slots, layer]).clamp_min(0)
-        self._grow(slots, new_blocks)
+        layers = torch.as_tensor(layer).expand(len(slots))
+        need = (-(-max(nk, nv) // self.bs) - self.counters.blocks[slots, layers]).clamp_min(0)
+        self._grow_pairs(slots, layers, need)
         c = self.counters
-        c.encoded_k[slots, layer], c.encoded_v[slots, layer], c.stored[slots, layer] = nk, nv, T
-        c.ring_k_start[slots, layer], c.ring_k_len[slots, layer] = 0, T - nk
-        c.ring_v_start[slots, layer], c.ring_v_len[slots, layer] = 0, T - nv
+        c.encoded_k[slots, layers], c.encoded_v[slots, layers], c.stored[slots, layers] = nk, nv, T
+        c.ring_k_start[slots, layers], c.ring_k_len[slots, layers] = 0, T - nk
+        c.ring_v_start[slots, layers], c.ring_v_len[slots, layers] = 0, T - nv
         return nk, nv
 
     # -------------------------------------------------------------------------------------- reads

@@ -3,8 +3,7 @@ import random
 import pytest
 import torch
 
-from kvshrink.engine.batch import DecodeBatch
-from kvshrink.engine.pool import BlockPool, Growth, KVStore, PoolExhausted, parse_bytes
+from kvshrink.engine.pool import BlockPool, KVStore, PoolExhausted, parse_bytes
 from kvshrink.methods import parse
 from tests.conftest import tiny_model
 from tests.engine._codec import method
@@ -46,11 +45,10 @@ def test_block_pool_exact():
 
 
 def _read_back(st: KVStore, s: int, layer: int, T: int):
-    from kvshrink.engine.attention import gather_tokens
+    from kvshrink.engine.attention import stored_tokens
 
-    none = torch.zeros(1, st.L, dtype=torch.long)
-    batch = DecodeBatch(st, Growth(torch.tensor([s]), none, none, none))
-    return gather_tokens(st, batch, "k", layer, T), gather_tokens(st, batch, "v", layer, T)
+    slots, layers = torch.tensor([s]), torch.tensor([layer])
+    return stored_tokens(st, "k", slots, layers, T), stored_tokens(st, "v", slots, layers, T)
 
 
 @pytest.mark.parametrize("spec", ["full", "q8"])
