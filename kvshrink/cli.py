@@ -143,6 +143,10 @@ def _add_bench_throughput(bsub) -> None:
     p.add_argument("--trace", default=None, help="JSONL trace ({prompt_tokens, output_tokens, arrival_s}) instead of "
                                                    "workloads: the file `predict throughput --workload trace:FILE` takes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a contended machine)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every unit this many times, round after round (A B C A B C ...); rows report the "
+                        "median over rounds and ratios are taken round by round, so a machine whose speed drifts "
+                        "during the run does not bias them")
     _engine_args(p)
     _ray_args(p, "(method, workload)", timing=True)
 

@@ -323,6 +323,12 @@ def run_throughput(a) -> int:
     from kvshrink.sweep import RayOptions
 
     ray = RayOptions.from_args(a)
+    rounds = getattr(a, "rounds", None)
+    rounds = 1 if rounds is None else rounds
+    if rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {rounds}")
+    if ray is not None and rounds > 1:
+        raise SystemExit("--rounds runs on this machine only (a Ray sweep spreads units over nodes)")
     if ray is not None:  # the same units as Ray tasks, one per node at a time (kvshrink.sweep)
         from kvshrink.sweep import run_throughput_ray
 
@@ -335,22 +341,53 @@ def run_throughput(a) -> int:
     config, units = plan(a)
     out = open_run(a.out, config)
     records = Records(out / "records.jsonl")
+    config["rounds"] = rounds
     runs: list[dict] = []
-    for u in units:
-        row = run_unit(model, tok, u, a.kv_memory, progress=True)
-        records.append(row)
-        runs.append(row)
+    for rnd in range(rounds):
+        for u in units:
+            row = run_unit(model, tok, u, a.kv_memory, progress=True)
+            if rounds > 1:
+                row["round"] = rnd
+            records.append(row)
+            runs.append(row)
     finish(out, config, runs, a.mode)
     return 0
+
+
+MEDIAN_KEYS = ("tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "step_ms", "ratio_to_full",
+               "decode_ratio_to_full", "ratio_to_reference", "ttft_ms_p50", "ttft_ms_p90", "itl_ms_max", "wall_s")
+
+
+def over_rounds(runs: list[dict]) -> list[dict]:
+    """One row per (method, workload): the first round's row with every figure of ``MEDIAN_KEYS``
+    replaced by its median over the rounds (ratios were taken within each round), ``rounds`` and,
+    for the ratios, ``*_range`` ([min, max] over rounds)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r.get("workload")), []).append(r)
+    out = []
+    for rows in groups.values():
+        row = {k: v for k, v in rows[0].items() if k != "round"}
+        row["rounds"] = len(rows)
+        for k in MEDIAN_KEYS:
+            xs = sorted(r[k] for r in rows if isinstance(r.get(k), (int, float)))
+            if not xs:
+                continue
+            mid = len(xs) // 2
+            row[k] = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+            if k.startswith("ratio"):
+                row[f"{k}_range"] = [xs[0], xs[-1]]
+        out.append(row)
+    return out
 
 
 def finish(out, config: dict, runs: list[dict], mode: str, node_of: dict | None = None,
            extra: dict | None = None) -> None:
     """Ratios to ``full``, summary.json/.csv, plots and the table. ``node_of`` ((method, workload) -> node):
     a ratio only between units measured on the same node (None: all on this one)."""
-    def same_node(r: dict, row: dict) -> bool:
-        return node_of is None or node_of.get((r["method"], r.get("workload"))) == node_of.get(
-            (row["method"], row.get("workload")))
+    def same_node(r: dict, row: dict) -> bool:  # and the same round, where the run has several
+        return r.get("round") == row.get("round") and (node_of is None or node_of.get(
+            (r["method"], r.get("workload"))) == node_of.get((row["method"], row.get("workload"))))
 
     for row in runs:
         base = next((r for r in runs if r["method"] == "full" and r.get("workload") == row.get("workload")
@@ -369,6 +406,10 @@ def finish(out, config: dict, runs: list[dict], mode: str, node_of: dict | None 
     for row in runs:
         for k in ("tokens_per_s", "decode_tokens_per_s", "peak_concurrency", "peak_kv_bytes"):
             row.setdefault(k, None)
+    every_round = runs
+    if any("round" in r for r in runs):  # the summary is the median over rounds; every round's row is kept
+        runs = over_rounds(runs)
+        extra = {**(extra or {}), "every_round": every_round}
     write_json_atomic(out / "summary.json", {"config": config, "runs": runs, **(extra or {})})
     if runs:
         write_csv(out / "summary.csv", runs)
@@ -379,6 +420,9 @@ def finish(out, config: dict, runs: list[dict], mode: str, node_of: dict | None 
     except Exception as e:  # noqa: BLE001 - plots are a convenience
         print(f"plots skipped: {e}")
     _print_table(runs, mode)
+    if every_round is not runs:
+        print(f"medians over {runs[0]['rounds']} rounds; ratios taken within each round "
+              f"(ranges in summary.json, every round's row in records.jsonl)")
     print(f"results in {out}")
 
 

@@ -83,3 +83,25 @@ def test_reference_pool_runs_full_unbounded_and_gives_each_row_its_ratio(tiny, t
     assert ref["ratio_to_full"] == ref["tokens_per_s"] / full["tokens_per_s"]
     with pytest.raises(SystemExit, match="serving and trace"):
         cli.main(["bench", "throughput", "--mode", "step", "--reference-kv-memory", "4MiB", "--out", str(tmp_path)])
+
+
+def test_rounds_interleave_units_and_take_ratios_within_a_round(tiny, tmp_path):
+    rc = cli.main(["bench", "throughput", "--method", "streamingllm:budget=16", "--workload", "decode-heavy=4x40x8",
+                   "--kv-memory", "80KiB", "--reference-kv-memory", "4MiB", "--rounds", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    methods = ["full", "streamingllm:budget=16", "full@4MiB"]
+    assert [(r["round"], r["method"]) for r in rows] == [(i, m) for i in range(3) for m in methods]  # A B C A B C
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    every = summary["every_round"]
+    for r in every:  # each ratio against the reference of its own round
+        ref = next(x for x in every if x["method"] == "full@4MiB" and x["round"] == r["round"])
+        assert r["ratio_to_reference"] == r["tokens_per_s"] / ref["tokens_per_s"]
+    runs = summary["runs"]
+    assert [r["method"] for r in runs] == methods and all(r["rounds"] == 3 for r in runs)
+    for r in runs:
+        mine = sorted(x["ratio_to_reference"] for x in every if x["method"] == r["method"])
+        assert r["ratio_to_reference"] == mine[1] and r["ratio_to_reference_range"] == [mine[0], mine[2]]
+        assert r["tokens_per_s"] == sorted(x["tokens_per_s"] for x in every if x["method"] == r["method"])[1]
+    with pytest.raises(SystemExit, match="rounds must be >= 1"):
+        cli.main(["bench", "throughput", "--rounds", "0", "--out", str(tmp_path / "x")])
