@@ -23,6 +23,14 @@ falling one). On a CPU this cost is neither linear nor monotone in the batch (a 
 one of 7 or 15: the kernels' blocking in M), so it is measured per batch size rather than assumed. The basis is the hat functions of the knots, so the fit stays linear
 and non-negative. A decode fit without knots (profiles written before them) is ``c0 + c1 B + c2 K``.
 
+A method whose decode points all read about as many columns per sequence (an evicting selector holds
+its budget at every profiled context: StreamingLLM's points read 160 columns a sequence whatever the
+context) cannot tell the read term from the batch weights: any split fits its points, and the split
+NNLS picks predicts nothing else. There the read coefficient is the one fitted for a method of the
+same profile with the same codec whose points do vary the read (``full`` for an fp cache, ``kivi:bits=4``
+for ``snapkv+kivi:bits=4``): a column costs what the codec's layout costs to read, whichever selector
+chose it; the weights are fitted given it (``READ_SPREAD``; no such method: its own fit).
+
 All fits are non-negative least squares on *relative* residuals (rows scaled by ``1/t``: a 1 ms and
 a 1 s point weigh the same, the fit minimises Σ ((t - t̂)/t)²). Any other ``kind`` can be fitted with
 ``fit_operator(points, features)``. ``FittedCost`` answers ``prefill_s``/``decode_s``/``evict_s``, the
@@ -43,6 +51,7 @@ OPERATORS: dict[str, tuple[str, ...]] = {
     "evict": ("cuts",),
 }
 INTERCEPT = {"prefill": True, "decode": True, "evict": False}
+READ_SPREAD = 2.0  # decode points identify the read term when their columns per sequence vary this much
 KNOTTED = {"decode": "batch"}  # operator -> the feature its piecewise-linear basis is over
 
 
@@ -146,11 +155,12 @@ class OperatorFit:
 
 def fit_operator(points: Sequence[Mapping], features: Sequence[str] | None = None, op: str | None = None,
                  intercept: bool | None = None, knots: Sequence[float] | None = None,
-                 knot_feature: str | None = None) -> OperatorFit:
+                 knot_feature: str | None = None, fixed: Mapping[str, float] | None = None) -> OperatorFit:
     """Fit ``t = c0 + w(x_knot) + Σ c_j x_j`` (every coefficient >= 0) to ``points`` (dicts with the
     features and ``seconds``). ``w`` is piecewise linear through ``knots`` of ``knot_feature``; for an
     operator of ``KNOTTED`` the knots default to the distinct values the points have (every measured
-    batch size), ``knots=()`` turns them off (then the knot feature is an ordinary linear term)."""
+    batch size), ``knots=()`` turns them off (then the knot feature is an ordinary linear term).
+    ``fixed``: coefficients given, not fitted (the rest is fitted to what they leave of each time)."""
     if op is None:
         op = str(points[0].get("kind", "?")) if points else "?"
     kf = knot_feature or KNOTTED.get(op)
@@ -176,23 +186,28 @@ def fit_operator(points: Sequence[Mapping], features: Sequence[str] | None = Non
     for f in (*feats, *([kf] if knots else [])):
         if any(f not in p for p in pts):
             raise ValueError(f"operator {op!r}: a point lacks feature {f!r}")
-    cols = [[p[f] for f in feats] for p in pts]
+    fixed = dict(fixed or {})
+    free = [f for f in feats if f not in fixed]
+    cols = [[p[f] for f in free] for p in pts]
     if knots:
         cols = [hat_basis(p[kf], knots) + c for p, c in zip(pts, cols)]
     X = np.array(cols, dtype=float).reshape(len(pts), -1)
     y = np.array([p["seconds"] for p in pts])
+    given = np.array([sum(v * p[f] for f, v in fixed.items()) for p in pts])  # the fixed terms' share
     A = np.hstack([np.ones((len(y), 1)), X]) if icpt else X
     scale = np.abs(A).max(axis=0)
     scale[scale == 0] = 1.0  # an all-zero feature keeps coefficient 0
-    c = nnls(A / scale / y[:, None], np.ones_like(y)) / scale  # unit-range columns, relative-error rows
-    pred = A @ c
+    c = nnls(A / scale / y[:, None], (y - given) / y) / scale  # unit-range columns, relative-error rows
+    pred = A @ c + given
     rel = np.abs(y - pred) / y
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
     rest = list(c[1:] if icpt else c)
-    names = [knot_name(kf, k) for k in knots] + list(feats)
+    names = [knot_name(kf, k) for k in knots] + free
+    coef = {f: float(v) for f, v in zip(names, rest)}
+    coef.update({f: float(fixed[f]) for f in feats if f in fixed})
     return OperatorFit(op=op, features=feats, intercept=float(c[0]) if icpt else 0.0,
-                       coef={f: float(v) for f, v in zip(names, rest)}, n=len(y),
+                       coef={k: coef[k] for k in [knot_name(kf, k) for k in knots] + list(feats)}, n=len(y),
                        mean_rel_error=float(rel.mean()), max_rel_error=float(rel.max()), r2=r2,
                        knot_feature=kf if knots else None, knots=knots)
 
@@ -243,7 +258,33 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
         if time_key != "seconds":
             p = {**p, "seconds": p[time_key]}
         groups.setdefault(str(p["method"]), {}).setdefault(kind, []).append(p)
-    return {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items()}) for m, ops in groups.items()}
+    fits = {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items()}) for m, ops in groups.items()}
+    identified = {m: read_identified(ops.get("decode", [])) for m, ops in groups.items()}
+    for m, ops in groups.items():
+        if identified[m] or "decode" not in ops:
+            continue
+        donor = next((d for d in groups if identified[d] and "decode" in fits[d].fits and _codec(d) == _codec(m)), None)
+        if donor is not None:
+            read = fits[donor].fits["decode"].coef["kv_read"]
+            fits[m].fits["decode"] = fit_operator(ops["decode"], op="decode", fixed={"kv_read": read})
+    return fits
+
+
+def read_identified(points: Sequence[Mapping]) -> bool:
+    """Whether decode points vary the columns read per sequence enough to fit the read term."""
+    per_seq = [features_of(p)["kv_read"] / p["batch"] for p in points if p.get("batch") and
+               ("kv_read" in p or "kv_tokens" in p)]
+    return bool(per_seq) and max(per_seq) >= READ_SPREAD * min(per_seq)
+
+
+def _codec(method: str) -> str | None:
+    from kvshrink.methods import parse
+    from kvshrink.methods.base import SpecError
+
+    try:
+        return parse(method).codec.spec()
+    except SpecError:  # a name this install does not know: no donor
+        return None
 
 
 def load_points(profile: str | Path) -> list[dict]:

@@ -166,3 +166,23 @@ def test_cpu_time_fit_and_a_share_of_the_cpu():
     half = Dilated(cpu, 0.5)
     assert half.decode_read_s(8, 0, 4096) == pytest.approx(decode_time(8, 4096), rel=1e-6)
     assert half.prefill_s(100) == pytest.approx(2 * cpu.prefill_s(100)) and half.evict_s(3) == 2 * cpu.evict_s(3)
+
+
+def test_an_evictor_whose_reads_do_not_vary_takes_the_read_cost_of_its_codec():
+    """StreamingLLM's points read its budget per sequence at every context: alone, any split of
+    batch weights and read term fits them. It gets the read coefficient of ``full`` (same fp codec,
+    reads that vary), and its weights are fitted given it; a method with no such donor keeps its own fit."""
+    budget_read = {B: B * 161 for B in WEIGHTS}
+    evictor = [{"kind": "decode", "method": "streamingllm:budget=160", "batch": B, "kv_tokens": B * 160,
+                "kv_read": R, "seconds": decode_time(B, R) + 0.01} for B, R in budget_read.items()
+               for _ in range(3)]
+    alone = fit_points(evictor)["streamingllm:budget=160"].fits["decode"]
+    both = fit_points(synthetic_points("full") + evictor)
+    got = both["streamingllm:budget=160"].fits["decode"]
+    assert got.coef["kv_read"] == both["full"].fits["decode"].coef["kv_read"] == pytest.approx(READ, rel=1e-6)
+    for b, w in WEIGHTS.items():  # its own step overhead (+10 ms) in the weights, the read where it belongs
+        assert got.coef[f"batch@{b}"] == pytest.approx(w + 0.01, rel=1e-6)
+    assert got.max_rel_error < 1e-6
+    assert alone.coef["kv_read"] != pytest.approx(READ, rel=0.1)  # what its points alone give
+    other_codec = fit_points(synthetic_points("kivi:bits=2") + evictor)["streamingllm:budget=160"].fits["decode"]
+    assert other_codec.coef == alone.coef
