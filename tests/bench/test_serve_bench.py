@@ -129,3 +129,17 @@ def test_launch_failure_names_method_and_sweep_goes_on(tmp_path, capsys):
     assert all("nosuchmethod" in r["error"] and r["completed"] == 0 for r in res["results"])
     assert "nosuchmethod" in capsys.readouterr().err
     assert res["comparison"][0]["method"] == "nosuchmethod:x=1"
+
+
+def test_the_run_lasts_from_the_first_send_to_the_last_completion(server):
+    """Requests scheduled 0.5 s after the start: the run's duration (which throughputs divide by)
+    starts at the first send, as in vLLM's benchmark and the simulator, not at the idle start."""
+    import asyncio
+
+    from kvshrink.bench.loadgen import BenchRequest, run_trace
+
+    reqs = [BenchRequest(prompt="a b c", prompt_tokens=3, max_tokens=4, ignore_eos=True) for _ in range(2)]
+    results, duration = asyncio.run(run_trace(server.url, "tiny", reqs, [0.5, 0.5]))
+    assert all(r.success for r in results) and min(r.send_time for r in results) >= 0.5
+    last = max(r.send_time + r.latency for r in results) - 0.5
+    assert last <= duration < last + 0.25
