@@ -96,9 +96,17 @@ def _add_eval(sub) -> None:
     _ray_args(p, "(method, task shard)")
 
     def run(a):
-        from kvshrink.eval.runner import run
+        # here, not in eval: the Ray layer (kvshrink.sweep) sits above eval and bench, never below
+        from kvshrink.eval.runner import config_from_args, print_summary, run_eval
+        from kvshrink.sweep import RayOptions, print_sweep, run_eval_ray
 
-        return run(a)
+        cfg, ray = config_from_args(a), RayOptions.from_args(a)
+        run_dir = run_eval(cfg) if ray is None else run_eval_ray(cfg, ray)
+        summary = print_summary(run_dir)
+        if "sweep" in summary:
+            print_sweep(summary["sweep"])
+        print(f"\nrecords, summary.json, report.html and hardset.jsonl in {run_dir}")
+        return 1 if summary.get("sweep", {}).get("failed") else 0
 
     p.set_defaults(func=run)
 
@@ -152,8 +160,14 @@ def _add_bench_throughput(bsub) -> None:
 
     def run(a):
         from kvshrink.bench.throughput import run_throughput
+        from kvshrink.sweep import RayOptions, run_throughput_ray
 
-        return run_throughput(a)
+        ray = RayOptions.from_args(a)
+        if ray is None:
+            return run_throughput(a)
+        if a.rounds != 1:
+            raise SystemExit("--rounds runs on this machine only (a Ray sweep spreads units over nodes)")
+        return run_throughput_ray(a, ray)  # the same units as Ray tasks, one per node at a time
 
     p.set_defaults(func=run)
 

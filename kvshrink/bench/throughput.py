@@ -320,19 +320,11 @@ def run_unit(model, tok, u: dict, kv_memory: str | None = None, progress: bool =
 
 
 def run_throughput(a) -> int:
-    from kvshrink.sweep import RayOptions
-
-    ray = RayOptions.from_args(a)
+    """``kvshrink bench throughput`` on this machine (``kvshrink.sweep.run_throughput_ray``: on Ray)."""
     rounds = getattr(a, "rounds", None)
     rounds = 1 if rounds is None else rounds
     if rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {rounds}")
-    if ray is not None and rounds > 1:
-        raise SystemExit("--rounds runs on this machine only (a Ray sweep spreads units over nodes)")
-    if ray is not None:  # the same units as Ray tasks, one per node at a time (kvshrink.sweep)
-        from kvshrink.sweep import run_throughput_ray
-
-        return run_throughput_ray(a, ray)
     from kvshrink.models import load_model
 
     if getattr(a, "threads", None):

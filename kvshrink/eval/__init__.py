@@ -4,6 +4,6 @@
     kvshrink eval --method kivi:bits=2 --method snapkv:ratio=0.75 --task needle --task chat --out runs/eval
 """
 
-from kvshrink.eval.runner import EvalConfig, run, run_eval
+from kvshrink.eval.runner import EvalConfig, run_eval
 
-__all__ = ["EvalConfig", "run", "run_eval"]
+__all__ = ["EvalConfig", "run_eval"]

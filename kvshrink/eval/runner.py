@@ -174,32 +174,22 @@ def _lengths(text: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(int(x) for x in text)
 
 
-def run(args) -> int:
-    """The CLI entry: ``kvshrink eval`` arguments -> ``run_eval`` -> a printed summary table."""
-    import json
-
-    cfg = EvalConfig(
+def config_from_args(args) -> EvalConfig:
+    """``kvshrink eval`` arguments as an ``EvalConfig``."""
+    return EvalConfig(
         methods=list(args.method or []), tasks=list(args.task), out=args.out, model=args.model, limit=args.limit,
         max_new_tokens=args.max_new_tokens, reference=not args.no_reference, lengths=_lengths(args.lengths),
         neg_threshold=args.neg_threshold, neg_filter=args.neg_filter, seed=args.seed, device=args.device,
         dtype=args.dtype, trust_remote_code=args.trust_remote_code,
     )
-    from kvshrink.sweep import RayOptions
 
-    ray = RayOptions.from_args(args)
-    if ray is None:
-        run_dir = run_eval(cfg)
-    else:  # the same run directory, as Ray units (kvshrink.sweep)
-        from kvshrink.sweep import run_eval_ray
 
-        run_dir = run_eval_ray(cfg, ray)
-    summary = json.loads((run_dir / "summary.json").read_text())
+def print_summary(run_dir: Path) -> dict:
+    """Print a finished run's summary table; returns its summary.json."""
+    import json
+
     from kvshrink.eval.report import summary_table
 
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
     print(summary_table(summary))
-    if "sweep" in summary:
-        from kvshrink.sweep import print_sweep
-
-        print_sweep(summary["sweep"])
-    print(f"\nrecords, summary.json, report.html and hardset.jsonl in {run_dir}")
-    return 1 if summary.get("sweep", {}).get("failed") else 0
+    return summary
