@@ -158,3 +158,15 @@ def test_ratios_only_between_units_of_one_node(tmp_path, monkeypatch):
     tp.finish(tmp_path, {"mode": "serving"}, runs, "serving", node_of=node_of, extra={"sweep": {"x": 1}})
     s = json.loads((tmp_path / "summary.json").read_text())
     assert [r["ratio_to_full"] for r in s["runs"]] == [1.0, 2.0, 1.0, None] and s["sweep"] == {"x": 1}
+
+
+def test_ray_flags_go_to_the_sweep_and_the_rest_stays_local(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("kvshrink.sweep.run_throughput_ray", lambda a, opts: calls.append(("ray", opts)) or 0)
+    monkeypatch.setattr("kvshrink.bench.throughput.run_throughput", lambda a: calls.append(("local", a.rounds)) or 0)
+    assert cli.main(["bench", "throughput", "--ray", "--ray-retries", "2", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "throughput", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    (kind, opts), local = calls
+    assert kind == "ray" and opts.address is None and opts.retries == 2 and local == ("local", 2)
+    with pytest.raises(SystemExit, match="--rounds runs on this machine only"):
+        cli.main(["bench", "throughput", "--ray", "--rounds", "2", "--out", str(tmp_path)])
