@@ -19,6 +19,7 @@ that reference is the limit it can approach; each row's ``ratio_to_reference`` i
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -365,8 +366,7 @@ def over_rounds(runs: list[dict]) -> list[dict]:
             xs = sorted(r[k] for r in rows if isinstance(r.get(k), (int, float)))
             if not xs:
                 continue
-            mid = len(xs) // 2
-            row[k] = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+            row[k] = statistics.median(xs)
             if k.startswith("ratio"):
                 row[f"{k}_range"] = [xs[0], xs[-1]]
         out.append(row)

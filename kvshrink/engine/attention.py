@@ -56,11 +56,11 @@ def ring_full(batch: DecodeBatch, ring: int) -> torch.Tensor:
 
 def stored_tokens(store: KVStore, side: str, slots: torch.Tensor, layers: torch.Tensor, n: int) -> torch.Tensor:
     """[R, H, n, D]: the first ``n`` stored tokens of layer ``layers[r]`` of slot ``slots[r]`` (host
-    index tensors, any pairs) in stored order (blocks, then ring), decoded."""
+    index tensors, any non-empty set of pairs) in stored order (blocks, then ring), decoded."""
     st, c = store, store.counters
     R, H, D, bs = len(slots), st.H, st.D, st.bs
-    nb = int(c.blocks[slots, layers].max()) if R else 0
-    width = max(nb * bs, int(c.stored[slots, layers].max()) + 1 if R else 1)
+    nb = int(c.blocks[slots, layers].max())
+    width = max(nb * bs, int(c.stored[slots, layers].max()) + 1)
     out = torch.zeros(R, H, width + 1, D, dtype=st.dtype, device=st.device)
     if nb:
         tables = st.table[slots, layers, :nb].to(st.device)

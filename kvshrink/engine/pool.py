@@ -353,6 +353,8 @@ class KVStore:
 
     def _grow(self, slots: torch.Tensor, new_blocks: torch.Tensor) -> None:
         """Append ``new_blocks[b, l]`` fresh blocks to layer ``l`` of ``slots[b]`` (the pool has them)."""
+        if not bool(new_blocks.any()):  # most decode steps: every sequence fits its blocks
+            return
         b, L = new_blocks.shape
         self._grow_pairs(slots.repeat_interleave(L), torch.arange(L).repeat(b), new_blocks.reshape(-1))
 

@@ -261,9 +261,10 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
     fits = {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items()}) for m, ops in groups.items()}
     identified = {m: read_identified(ops.get("decode", [])) for m, ops in groups.items()}
     for m, ops in groups.items():
-        if identified[m] or "decode" not in ops:
+        codec = _codec(m)
+        if identified[m] or "decode" not in ops or codec is None:
             continue
-        donor = next((d for d in groups if identified[d] and "decode" in fits[d].fits and _codec(d) == _codec(m)), None)
+        donor = next((d for d in groups if identified[d] and "decode" in fits[d].fits and _codec(d) == codec), None)
         if donor is not None:
             read = fits[donor].fits["decode"].coef["kv_read"]
             fits[m].fits["decode"] = fit_operator(ops["decode"], op="decode", fixed={"kv_read": read})
