@@ -23,6 +23,10 @@
 // Per-token groups (int8/int4 keys, every quantised value) dequantise one row at a time into a
 // D-float buffer that stays in L1, then dot it with the queries or add it into the accumulators:
 // nothing of the size of the cache is written.
+//
+// A plain (fp32) read is bound by memory, not arithmetic: while one block is worked on, the next
+// one's lines are prefetched, spread over the rows of the current tile (a burst of them at a block's
+// start did less well, measured); the softmax's exponentials are 8 lanes at a time (exp8).
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -58,10 +62,53 @@ inline v8 load8(const float* p) {
 
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// e^x for 8 lanes (Cephes' expf: x = n ln2 + f, |f| <= ln2/2, a degree-7 polynomial for e^f, 2^n
+// from the exponent bits; within 2 ulp of std::exp). Lanes below -87.3 (-inf included) give 0:
+// std::exp would give a denormal there, which weighs nothing next to the row's maximum, e^0.
+inline v8 exp8(v8 x) {
+  const v8 zero = {}, lo = zero - 87.3f, hi = zero + 88.3f;
+  const v8i under = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const v8 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const v8 f = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8 p = zero + 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.f;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return under ? zero : p * scale;
+}
+
 inline float hsum(v8 v) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += v[i];
   return s;
+}
+
+// Asks for the next block while this one is worked on: a block is a few KB that the hardware
+// prefetcher, which follows one stream within a page, does not find at the jump between blocks.
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
+}
+
+// The four sums of a0..a3's lanes into out[0..3]: a row's dot product ends in one of these, so it
+// costs three horizontal adds for four rows, not a lane-by-lane sum for each.
+inline void hsum4(v8 a0, v8 a1, v8 a2, v8 a3, float* out) {
+#if defined(__AVX__)
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(reinterpret_cast<__m256>(a0), reinterpret_cast<__m256>(a1)),
+                                  _mm256_hadd_ps(reinterpret_cast<__m256>(a2), reinterpret_cast<__m256>(a3)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+#else
+  out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+#endif
 }
 
 // ---------------------------------------------------------------- micro-kernels over a tile of rows
@@ -71,10 +118,11 @@ inline float hsum(v8 v) {
 // out[gi * W + t] = scaling * (Q[gi] . row_t + bias[gi]), four rows at a time (four independent
 // FMA chains per query head: one chain waits on FMA latency).
 void scores_tile(const float* Q, const float* bias, int64_t g, const float* rows, int64_t n, int64_t D,
-                 float scaling, float* out, int64_t W) {
+                 float scaling, float* out, int64_t W, const float* next = nullptr) {
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
     const float* r = rows + t * D;
+    if (next) prefetch(next + t * D, 4 * D * static_cast<int64_t>(sizeof(float)));
     for (int64_t gi = 0; gi < g; ++gi) {
       const float* q = Q + gi * D;
       v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
@@ -87,10 +135,8 @@ void scores_tile(const float* Q, const float* bias, int64_t g, const float* rows
       }
       const float b = bias ? bias[gi] : 0.f;
       float* o = out + gi * W + t;
-      o[0] = (hsum(a0) + b) * scaling;
-      o[1] = (hsum(a1) + b) * scaling;
-      o[2] = (hsum(a2) + b) * scaling;
-      o[3] = (hsum(a3) + b) * scaling;
+      hsum4(a0, a1, a2, a3, o);
+      for (int i = 0; i < 4; ++i) o[i] = (o[i] + b) * scaling;
     }
   }
   for (; t < n; ++t) {
@@ -106,7 +152,8 @@ void scores_tile(const float* Q, const float* bias, int64_t g, const float* rows
 // acc[gi] += sum_t P[gi * W + t] * row_t for M query heads at once, 16 channels at a time: the
 // accumulators (2M registers) stay in registers over the whole tile.
 template <int M>
-void values_tile_m(const float* P, int64_t W, const float* rows, int64_t n, int64_t D, float* acc) {
+void values_tile_m(const float* P, int64_t W, const float* rows, int64_t n, int64_t D, float* acc,
+                   const float* next) {
   for (int64_t d = 0; d < D; d += 16) {
     v8 lo[M], hi[M];
     for (int m = 0; m < M; ++m) {
@@ -115,6 +162,7 @@ void values_tile_m(const float* P, int64_t W, const float* rows, int64_t n, int6
     }
     const bool two = D - d >= 16;
     for (int64_t t = 0; t < n; ++t) {
+      if (next && d == 0) prefetch(next + t * D, D * static_cast<int64_t>(sizeof(float)));
       const float* r = rows + t * D + d;
       const v8 x0 = load8(r), x1 = two ? load8(r + 8) : v8{};
       for (int m = 0; m < M; ++m) {
@@ -130,13 +178,15 @@ void values_tile_m(const float* P, int64_t W, const float* rows, int64_t n, int6
   }
 }
 
-void values_tile(const float* P, int64_t W, int64_t g, const float* rows, int64_t n, int64_t D, float* acc) {
+// (next: the tile read after this one, prefetched during the first pass over this one's rows)
+void values_tile(const float* P, int64_t W, int64_t g, const float* rows, int64_t n, int64_t D, float* acc,
+                 const float* next = nullptr) {
   int64_t gi = 0;
-  for (; gi + 4 <= g; gi += 4) values_tile_m<4>(P + gi * W, W, rows, n, D, acc + gi * D);
+  for (; gi + 4 <= g; gi += 4, next = nullptr) values_tile_m<4>(P + gi * W, W, rows, n, D, acc + gi * D, next);
   switch (g - gi) {
-    case 3: values_tile_m<3>(P + gi * W, W, rows, n, D, acc + gi * D); break;
-    case 2: values_tile_m<2>(P + gi * W, W, rows, n, D, acc + gi * D); break;
-    case 1: values_tile_m<1>(P + gi * W, W, rows, n, D, acc + gi * D); break;
+    case 3: values_tile_m<3>(P + gi * W, W, rows, n, D, acc + gi * D, next); break;
+    case 2: values_tile_m<2>(P + gi * W, W, rows, n, D, acc + gi * D, next); break;
+    case 1: values_tile_m<1>(P + gi * W, W, rows, n, D, acc + gi * D, next); break;
     default: break;
   }
 }
@@ -254,11 +304,13 @@ struct TokenTiles {
 
 // ---------------------------------------------------------------------------------- plain fp32
 
+
 void scores_plain_head(const float* qh, const float* x, const int64_t* table, int64_t h, int64_t end,
                        float scaling, float* ob, int64_t W, const Shape& s) {
   for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
     const float* rows = x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D;
-    scores_tile(qh, nullptr, s.g, rows, std::min(s.bs, end - t0), s.D, scaling, ob + t0, W);
+    const float* next = t0 + s.bs < end ? x + (table[t0 / s.bs + 1] * s.H + h) * s.bs * s.D : nullptr;
+    scores_tile(qh, nullptr, s.g, rows, std::min(s.bs, end - t0), s.D, scaling, ob + t0, W, next);
   }
 }
 
@@ -267,7 +319,8 @@ void values_plain_head(const float* ph, int64_t W, const float* x, const int64_t
                        float* acc, const Shape& s) {
   for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
     const float* rows = x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D;
-    values_tile(ph + t0, W, s.g, rows, std::min(s.bs, end - t0), s.D, acc);
+    const float* next = t0 + s.bs < end ? x + (table[t0 / s.bs + 1] * s.H + h) * s.bs * s.D : nullptr;
+    values_tile(ph + t0, W, s.g, rows, std::min(s.bs, end - t0), s.D, acc, next);
   }
 }
 
@@ -521,11 +574,18 @@ void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, i
     if (st.sinks) row[++last] = st.sinks[h * s.g + gi];
     float mx = NEG_INF;
     for (int64_t c = first; c <= last; ++c) mx = std::max(mx, row[c]);
-    float sum = 0.f;
-    for (int64_t c = 0; c <= last; ++c) {
-      const float e = c < first ? 0.f : std::exp(row[c] - mx);
-      row[c] = e;
-      sum += e;
+    std::fill(row, row + first, 0.f);
+    v8 acc = {};
+    int64_t c = first;
+    for (; c + 8 <= last + 1; c += 8) {
+      const v8 e = exp8(load8(row + c) - mx);
+      store8(row + c, e);
+      acc += e;
+    }
+    float sum = hsum(acc);
+    for (; c <= last; ++c) {
+      row[c] = std::exp(row[c] - mx);
+      sum += row[c];
     }
     const float inv = 1.f / sum;
     for (int64_t c = 0; c <= last; ++c) row[c] *= inv;
