@@ -285,6 +285,13 @@ struct TokenTiles {
       : codes(codes), scale(scale), zero(zero), H(s.H), bs(s.bs), D(s.D), R(s.D / per), ng(s.D / C),
         span(C / per), offset(static_cast<float>(1 << (BITS - 1))), tile(s.bs * s.D), sf(s.D / C), zf(s.D / C) {}
 
+  void prefetch_block(int64_t blk, int64_t h) const {
+    const int64_t tok = (blk * H + h) * bs;
+    prefetch(codes + tok * R, bs * R);
+    prefetch(scale + tok * ng, bs * ng * static_cast<int64_t>(sizeof(half)));
+    if (zero) prefetch(zero + tok * ng, bs * ng * static_cast<int64_t>(sizeof(half)));
+  }
+
   const float* block(int64_t blk, int64_t h, int64_t n) {
     for (int64_t t = 0; t < n; ++t) {
       const int64_t tok = (blk * H + h) * bs + t;
@@ -340,6 +347,13 @@ void scores_per_channel_head(const float* qb, const uint8_t* codes, const half* 
   for (int64_t t0 = 0; t0 < end; t0 += G) {  // one key group: G tokens sharing scale/zero
     const int64_t blk = table[t0 / s.bs], c = (t0 % s.bs) / G;
     const int64_t meta = ((blk * s.H + h) * nch + c) * s.D;
+    if (t0 + G < end) {  // the next group's codes, scale and zero: small reads scattered over the pool
+      const int64_t nblk = table[(t0 + G) / s.bs], nc = ((t0 + G) % s.bs) / G;
+      const int64_t nmeta = ((nblk * s.H + h) * nch + nc) * s.D;
+      prefetch(codes + ((nblk * s.H + h) * s.bs + (t0 + G) % s.bs) * R, G * R);
+      prefetch(scale + nmeta, s.D * static_cast<int64_t>(sizeof(half)));
+      if (zero) prefetch(zero + nmeta, s.D * static_cast<int64_t>(sizeof(half)));
+    }
     for (int64_t d = 0; d < s.D; ++d) {
       sf[planar(d, per, R)] = f32(scale[meta + d]);
       zf[d] = zero_of(zero, scale, meta + d, offset);
@@ -372,6 +386,7 @@ void scores_per_token_head(const float* qb, const uint8_t* codes, const half* sc
     for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
   for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
     const int64_t n = std::min(s.bs, end - t0);
+    if (t0 + s.bs < end) tiles.prefetch_block(table[t0 / s.bs + 1], h);
     const float* rows = tiles.block(table[t0 / s.bs], h, n);
     scores_tile(qp.data(), nullptr, s.g, rows, n, s.D, scaling, ob + t0, W);
   }
@@ -387,6 +402,7 @@ void values_per_token_head(const float* ph, int64_t W, const uint8_t* codes, con
   std::vector<float> acc(s.g * s.D, 0.f);  // planar, as the tiles
   for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
     const int64_t n = std::min(s.bs, end - t0);
+    if (t0 + s.bs < end) tiles.prefetch_block(table[t0 / s.bs + 1], h);
     const float* rows = tiles.block(table[t0 / s.bs], h, n);
     values_tile(ph + t0, W, s.g, rows, n, s.D, acc.data());
   }
