@@ -314,6 +314,9 @@ def _add_predict(sub) -> None:
                    help="request rates of the sweep through `kvshrink serve` (comma list, inf; 'none': no sweep)")
     v.add_argument("--serve-workload", default="8x320x48", metavar="NxPxO",
                    help="the sweep's random prompts: requests x prompt tokens x output tokens")
+    v.add_argument("--rounds", type=int, default=1,
+                   help="measure every row this many times, round after round; rows report medians and the "
+                        "measured [min-max], errors are taken between medians")
 
     def run_validate(a):
         from kvshrink.predict.commands import run_validate

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,41 +152,75 @@ def _at_share(cfg, method: str, reqs: list[SimRequest], cpu_models: dict[str, Fi
     return simulate(cfg, method, reqs, Dilated(cpu_models[method], share), EngineConfig(kv_memory=kv)).percentiles()
 
 
+def combine_rounds(rows: list[dict]) -> dict:
+    """One row from the rounds of one (method, workload): the median of each measured figure, its
+    [min, max] over rounds (``*_measured_range``: how far the machine alone moved it), the median of
+    the predictions (the CPU-time ones follow each round's CPU share) and the errors between medians."""
+    if len(rows) == 1:
+        return {k: v for k, v in rows[0].items() if k != "round"}
+    out = {k: v for k, v in rows[0].items() if k != "round"}
+    out["rounds"] = len(rows)
+    shares = [r["cpu_share"] for r in rows if r.get("cpu_share") is not None]
+    out["cpu_share"] = statistics.median(shares) if shares else None
+    for k in COMPARED:
+        got = [r[f"{k}_measured"] for r in rows if r.get(f"{k}_measured") is not None]
+        if not got:
+            continue
+        m = statistics.median(got)
+        out[f"{k}_measured"], out[f"{k}_measured_range"] = m, [min(got), max(got)]
+        for suffix in ("", "_at_share"):
+            preds = [r[f"{k}_predicted{suffix}"] for r in rows if r.get(f"{k}_predicted{suffix}") is not None]
+            if preds:
+                p = statistics.median(preds)
+                out[f"{k}_predicted{suffix}"], out[f"{k}_error{suffix}"] = p, ((p - m) / m if m else None)
+    return out
+
+
 def validate(model, profile: str | Path, methods: list[str] | None, workloads: list[str] | None,
              kv_memory: int | str | None, out: str | Path, serve: ServeSweep | None = None,
-             model_name: str | None = None, tokenizer=None) -> list[dict]:
+             model_name: str | None = None, tokenizer=None, rounds: int = 1) -> list[dict]:
     """Each method x workload measured on the engine and predicted from the profile, side by side.
     ``NAME=NxPxO@rate=R`` gives Poisson arrivals at R requests/s (seeded). With ``serve`` (and the
-    ``model_name`` a server loads, and its ``tokenizer``), one request-rate sweep through the server too."""
+    ``model_name`` a server loads, and its ``tokenizer``), one request-rate sweep through the server too.
+
+    ``rounds``: every measurement that many times, round after round (all engine rows, then the
+    server sweep, then again), each round's row kept in ``records.jsonl``; the rows returned are
+    ``combine_rounds``' medians, with the measured range that says how much of an error is the
+    machine's own spread."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     cfg, models = load_profile(profile)
     cpu_models = load_profile(profile, cpu=True)[1]
-    rows = []
     run = open_run(out, {"kind": "predict-validate", "profile": str(profile), "methods": methods,
-                         "workloads": workloads, "kv_memory": kv_memory,
+                         "workloads": workloads, "kv_memory": kv_memory, "rounds": rounds,
                          "serve": None if serve is None else {**asdict(serve), "rates": [str(r) for r in serve.rates]}})
-    records = Records(run / "records.jsonl", key=("method", "workload"))
-    done = {(r["method"], r["workload"]): r for r in records.load()}
-    for wl in workloads or VALIDATE_WORKLOADS:
-        reqs = _with_rate(wl, cfg.get_text_config().vocab_size)
-        kv = kv_memory or _four_sequences(cfg, reqs)
-        for m in methods or list(models):
-            if (m, wl) in done:
-                rows.append(done[(m, wl)])
-                continue
-            predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
-            c0, t0 = time.process_time(), time.perf_counter()
-            measured = run_trace(model, m, reqs, kv)
-            share = (time.process_time() - c0) / (time.perf_counter() - t0)
-            row = _compare(m, wl, kv, measured, predicted, _at_share(cfg, m, reqs, cpu_models, kv, share), share)
-            records.append(row)
-            rows.append(row)
-    if serve is not None:
-        if model_name is None or tokenizer is None:
-            raise ValueError("the server sweep needs the model's name (what `kvshrink serve --model` loads) "
-                             "and its tokenizer")
-        rows += _validate_serve(cfg, models, cpu_models, methods or list(models), serve, kv_memory, model_name,
-                                tokenizer, run, records, done)
-    write_json_atomic(run / "summary.json", {"rows": rows})
+    records = Records(run / "records.jsonl", key=("method", "workload", "round"))
+    done = {(r["method"], r["workload"], r.get("round", 0)): r for r in records.load()}
+    if serve is not None and (model_name is None or tokenizer is None):
+        raise ValueError("the server sweep needs the model's name (what `kvshrink serve --model` loads) "
+                         "and its tokenizer")
+    by_row: dict[tuple[str, str], list[dict]] = {}
+    for rnd in range(rounds):
+        for wl in workloads or VALIDATE_WORKLOADS:
+            reqs = _with_rate(wl, cfg.get_text_config().vocab_size)
+            kv = kv_memory or _four_sequences(cfg, reqs)
+            for m in methods or list(models):
+                row = done.get((m, wl, rnd))
+                if row is None:
+                    predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    measured = run_trace(model, m, reqs, kv)
+                    share = (time.process_time() - c0) / (time.perf_counter() - t0)
+                    row = {**_compare(m, wl, kv, measured, predicted,
+                                      _at_share(cfg, m, reqs, cpu_models, kv, share), share), "round": rnd}
+                    records.append(row)
+                by_row.setdefault((m, wl), []).append(row)
+        if serve is not None:
+            for row in _validate_serve(cfg, models, cpu_models, methods or list(models), serve, kv_memory,
+                                       model_name, tokenizer, run, records, done, rnd):
+                by_row.setdefault((row["method"], row["workload"]), []).append(row)
+    rows = [combine_rounds(rs) for rs in by_row.values()]
+    write_json_atomic(run / "summary.json", {"rows": rows, "rounds": rounds})
     return rows
 
 
@@ -201,9 +236,10 @@ def _process_cpu_s(pid: int) -> float | None:
 def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, FittedCost], methods: list[str],
                     sweep: ServeSweep,
                     kv_memory: int | str | None, model_name: str, tokenizer, run: Path, records: Records,
-                    done: dict) -> list[dict]:
+                    done: dict, rnd: int = 0) -> list[dict]:
     """One server per method (``bench serve``'s ``LaunchedServer``), the sweep's rates sent to it;
-    the simulator gets the same prompts' token counts and the same arrival offsets."""
+    the simulator gets the same prompts' token counts and the same arrival offsets. Round ``rnd``'s
+    rows (those in ``done`` are not measured again)."""
     from kvshrink.bench.datasets import random_dataset
     from kvshrink.bench.loadgen import arrival_times
     from kvshrink.bench.serve import LaunchedServer, _rate_label, _safe
@@ -214,8 +250,8 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
     kv = kv_memory or _four_sequences(cfg, base)
     rows = []
     for m in methods:
-        todo = [r for r in sweep.rates if (m, f"{sweep.label}@rate={_rate_label(r)}") not in done]
-        rows += [done[(m, f"{sweep.label}@rate={_rate_label(r)}")] for r in sweep.rates if r not in todo]
+        todo = [r for r in sweep.rates if (m, f"{sweep.label}@rate={_rate_label(r)}", rnd) not in done]
+        rows += [done[(m, f"{sweep.label}@rate={_rate_label(r)}", rnd)] for r in sweep.rates if r not in todo]
         if not todo:
             continue
         server = LaunchedServer(model_name, m, kv, run / "logs" / f"server-{_safe(m)}.log", sweep.startup_timeout)
@@ -243,6 +279,7 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
                 # the server's own count of the prompts: the simulator's input, from the client's tokenizer
                 row["prompt_tokens_server"] = got["total_input_tokens"]
                 row["prompt_tokens_simulated"] = sum(r.prompt_tokens for r in base)
+                row["round"] = rnd
                 records.append(row)
                 rows.append(row)
     return rows
@@ -255,8 +292,9 @@ def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_p
         m, p = r.get(k + "_measured"), r.get(k + "_predicted")
         if m is None or p is None:
             return "-"
-        err, at = r.get(k + "_error"), r.get(k + "_error_at_share")
-        text = f"{m:.1f} / {p:.1f} ({err * 100:+.1f}%)" if err is not None else f"{m:.1f} / {p:.1f}"
+        err, at, spread = r.get(k + "_error"), r.get(k + "_error_at_share"), r.get(k + "_measured_range")
+        got = f"{m:.1f} [{spread[0]:.1f}-{spread[1]:.1f}]" if spread else f"{m:.1f}"
+        text = f"{got} / {p:.1f} ({err * 100:+.1f}%)" if err is not None else f"{got} / {p:.1f}"
         return text + (f" [{at * 100:+.1f}%]" if at is not None else "")
 
     share = lambda r: f"{r['cpu_share']:.2f}" if r.get("cpu_share") else "-"  # noqa: E731
@@ -271,6 +309,11 @@ def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_p
             if errs:
                 lines.append(f"{k} ({what}): within 5% in {sum(e <= 0.05 for e in errs)} of {len(errs)}, "
                              f"worst {max(errs) * 100:.1f}%, median {sorted(errs)[len(errs) // 2] * 100:.1f}%")
+    for k in keys:  # where the machine alone moved a figure by more than the 5% aim
+        spreads = [(r[k + "_measured_range"], r[k + "_measured"]) for r in rows if r.get(k + "_measured_range")]
+        wide = sum((hi - lo) / m > 0.05 for (lo, hi), m in spreads if m)
+        if spreads:
+            lines.append(f"{k} measured over rounds: spread (max - min) / median above 5% in {wide} of {len(spreads)}")
     return "\n".join(lines)
 
 

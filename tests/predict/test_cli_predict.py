@@ -146,12 +146,58 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
     assert again == rows and _InProcessServer.launched == []
 
 
+def test_validate_rounds_interleave_and_report_medians_with_the_measured_range(tmp_path, monkeypatch):
+    import kvshrink.bench.serve as bench_serve
+    import kvshrink.predict.throughput as throughput
+    from kvshrink.predict.throughput import ServeSweep, validate, validation_table
+    from tests.conftest import tiny_tokenizer
+
+    model, prof = _tiny_profile(tmp_path)
+    monkeypatch.setattr(bench_serve, "LaunchedServer", _InProcessServer)
+    _InProcessServer.launched = []
+    order, speeds = [], iter([30.0, 10.0, 20.0])  # the engine row's measured tokens/s, round by round
+    real = throughput.run_trace
+
+    def run_trace(model, method, reqs, kv):
+        order.append(("engine", len(order)))
+        return {**real(model, method, reqs, kv), "output_tokens_per_s": next(speeds)}
+
+    monkeypatch.setattr(throughput, "run_trace", run_trace)
+    sweep = ServeSweep(requests=2, prompt=12, output=3, rates=(float("inf"),), threads=1)
+    rows = validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val", serve=sweep,
+                    model_name="tiny", tokenizer=tiny_tokenizer(), rounds=3)
+    # round after round: engine, server, engine, server, ...
+    assert len(order) == 3 and len(_InProcessServer.launched) == 3
+    assert [(r["method"], r["workload"], r["rounds"]) for r in rows] == [
+        ("full", "decode-heavy=2x20x4", 3), ("full", "serve:2x12x3@rate=inf", 3)]
+    engine = rows[0]
+    assert engine["output_tokens_per_s_measured"] == 20.0
+    assert engine["output_tokens_per_s_measured_range"] == [10.0, 30.0]
+    p = engine["output_tokens_per_s_predicted"]
+    assert engine["output_tokens_per_s_error"] == (p - 20.0) / 20.0
+    records = [json.loads(x) for x in (tmp_path / "val" / "records.jsonl").read_text().splitlines()]
+    assert sorted((r["workload"], r["round"]) for r in records) == sorted(
+        (w, i) for w in ("decode-heavy=2x20x4", "serve:2x12x3@rate=inf") for i in range(3))
+    table = validation_table(rows)
+    assert "20.0 [10.0-30.0] / " in table
+    assert "output_tokens_per_s measured over rounds: spread (max - min) / median above 5% in 1 of 2" in table \
+        or "output_tokens_per_s measured over rounds: spread (max - min) / median above 5% in 2 of 2" in table
+    # a rerun resumes every round: nothing measured again
+    _InProcessServer.launched, order[:] = [], []
+    again = validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val", serve=sweep,
+                     model_name="tiny", tokenizer=tiny_tokenizer(), rounds=3)
+    assert again == rows and order == [] and _InProcessServer.launched == []
+    with pytest.raises(ValueError, match="rounds"):
+        validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "v0", rounds=0)
+
+
 def test_validate_cli_arguments():
     from kvshrink.cli import build_parser
     from kvshrink.predict.commands import serve_sweep
 
     a = build_parser().parse_args(["predict", "validate", "--profile", "p", "--threads", "1"])
-    assert a.serve_rates == "0.5,inf" and a.serve_workload == "8x320x48"
+    assert a.serve_rates == "0.5,inf" and a.serve_workload == "8x320x48" and a.rounds == 1
+    assert build_parser().parse_args(["predict", "validate", "--profile", "p", "--rounds", "3"]).rounds == 3
     s = serve_sweep(a.serve_rates, a.serve_workload, 1)
     assert (s.requests, s.prompt, s.output, s.rates, s.threads) == (8, 320, 48, (0.5, float("inf")), 1)
     assert serve_sweep("none", "8x320x48", 1) is None
