@@ -42,6 +42,41 @@ def test_packs_every_linear_and_computes_the_same_product(arch):
                                            model.model.layers[0].self_attn.q_proj.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_products_of_few_rows_take_stock_f_linear_the_rest_the_packed_weights(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 32))
+    packed = PackedLinears(model, rows_hint=4, stock_rows=2)
+    w, b = model[0].weight, model[0].bias
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:  # torch.ops.mkldnn's ops cannot be replaced one by one: count calls through a proxy
+        def __getattr__(self, name):
+            if name == "_linear_pointwise":
+                return lambda *a: calls.append(a[0].shape) or real(*a)
+            return getattr(torch.ops.mkldnn, name)
+
+    import kvshrink.engine.linear as linear
+
+    monkeypatch.setattr(linear.torch.ops, "mkldnn", Spy(), raising=False)
+    with packed.active():
+        for shape in [(1, 64), (2, 64), (1, 2, 64), (3, 64), (2, 2, 64)]:
+            x = torch.randn(shape)
+            got = model[0](x)
+            if x.numel() // 64 <= 2:
+                assert torch.equal(got, F.linear(x, w, b))  # stock: bit for bit
+            else:
+                torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert calls == [torch.Size([3, 64]), torch.Size([2, 2, 64])]  # only the products of 3+ rows went packed
+
+
+def test_stock_rows_are_measured_when_not_given():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 16))
+    measured = PackedLinears(model, rows_hint=4).stock_rows
+    assert 0 <= measured <= 8 and isinstance(measured, int)
+    assert PackedLinears(model, rows_hint=4, stock_rows=0).stock_rows == 0
+    assert PackedLinears(nn.Sequential(nn.ReLU()), rows_hint=4).stock_rows == 0  # nothing packed, nothing timed
+
+
 def test_restored_after_an_exception_and_skips_subclasses():
     class Quantised(nn.Linear):
         pass
