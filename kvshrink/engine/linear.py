@@ -56,7 +56,6 @@ class PackedLinears:
         self._modules: list[tuple[nn.Module, object]] = []
         self._weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # packed, stock, bias
         self.nbytes = 0
-        self.stock_rows = 0
         with torch.no_grad():
             for module in model.modules():
                 w = getattr(module, "weight", None)
@@ -64,11 +63,11 @@ class PackedLinears:
                     continue
                 if module.bias is not None and module.bias.dtype != w.dtype:
                     continue
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows_hint)
+                w = w.detach()
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
                 bias = module.bias.detach() if module.bias is not None else None
-                self._modules.append((module, types.MethodType(_packed_forward(packed, w.detach(), bias, self),
-                                                               module)))
-                self._weights.append((packed, w.detach(), bias))
+                self._modules.append((module, types.MethodType(_packed_forward(packed, w, bias, self), module)))
+                self._weights.append((packed, w, bias))
                 self.nbytes += w.numel() * w.element_size()
         self.stock_rows = self.calibrate_stock_rows() if stock_rows is None else stock_rows
 

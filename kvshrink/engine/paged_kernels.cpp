@@ -345,15 +345,15 @@ void scores_per_channel_head(const float* qb, const uint8_t* codes, const half* 
   // qp: q planar; qs: q * scale, planar; sf planar, zf not
   for (int64_t gi = 0; gi < s.g; ++gi)
     for (int64_t d = 0; d < s.D; ++d) qp[gi * s.D + planar(d, per, R)] = qb[gi * s.D + d];
+  // where the group holding position t keeps its scale/zero (D each) and its first row of codes
+  auto meta_at = [&](int64_t t) { return ((table[t / s.bs] * s.H + h) * nch + (t % s.bs) / G) * s.D; };
+  auto codes_at = [&](int64_t t) { return codes + ((table[t / s.bs] * s.H + h) * s.bs + t % s.bs) * R; };
   for (int64_t t0 = 0; t0 < end; t0 += G) {  // one key group: G tokens sharing scale/zero
-    const int64_t blk = table[t0 / s.bs], c = (t0 % s.bs) / G;
-    const int64_t meta = ((blk * s.H + h) * nch + c) * s.D;
+    const int64_t meta = meta_at(t0);
     if (t0 + G < end) {  // the next group's codes, scale and zero: small reads scattered over the pool
-      const int64_t nblk = table[(t0 + G) / s.bs], nc = ((t0 + G) % s.bs) / G;
-      const int64_t nmeta = ((nblk * s.H + h) * nch + nc) * s.D;
-      prefetch(codes + ((nblk * s.H + h) * s.bs + (t0 + G) % s.bs) * R, G * R);
-      prefetch(scale + nmeta, s.D * static_cast<int64_t>(sizeof(half)));
-      if (zero) prefetch(zero + nmeta, s.D * static_cast<int64_t>(sizeof(half)));
+      prefetch(codes_at(t0 + G), G * R);
+      prefetch(scale + meta_at(t0 + G), s.D * static_cast<int64_t>(sizeof(half)));
+      if (zero) prefetch(zero + meta_at(t0 + G), s.D * static_cast<int64_t>(sizeof(half)));
     }
     for (int64_t d = 0; d < s.D; ++d) {
       sf[planar(d, per, R)] = f32(scale[meta + d]);
@@ -367,7 +367,7 @@ void scores_per_channel_head(const float* qb, const uint8_t* codes, const half* 
       for (int64_t d = 0; d < s.D; ++d) qz[gi] += qb[gi * s.D + d] * zf[d];
     }
     const int64_t n = std::min(G, end - t0);
-    const uint8_t* rows = codes + ((blk * s.H + h) * s.bs + t0 % s.bs) * R;
+    const uint8_t* rows = codes_at(t0);
     for (int64_t t = 0; t < n; ++t) unpack_planar<BITS>(rows + t * R, tile.data() + t * s.D, R);
     scores_tile(qs.data(), qz.data(), s.g, tile.data(), n, s.D, scaling, ob + t0, W);
   }

@@ -156,9 +156,9 @@ def combine_rounds(rows: list[dict]) -> dict:
     """One row from the rounds of one (method, workload): the median of each measured figure, its
     [min, max] over rounds (``*_measured_range``: how far the machine alone moved it), the median of
     the predictions (the CPU-time ones follow each round's CPU share) and the errors between medians."""
-    if len(rows) == 1:
-        return {k: v for k, v in rows[0].items() if k != "round"}
     out = {k: v for k, v in rows[0].items() if k != "round"}
+    if len(rows) == 1:
+        return out
     out["rounds"] = len(rows)
     shares = [r["cpu_share"] for r in rows if r.get("cpu_share") is not None]
     out["cpu_share"] = statistics.median(shares) if shares else None
