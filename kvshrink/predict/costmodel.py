@@ -6,6 +6,8 @@ results format: ``config.json``, ``records.jsonl`` with one raw point a line, ``
     {"kind": "prefill", "method": SPEC, "tokens": T, "seconds": t}
     {"kind": "decode",  "method": SPEC, "batch": B, "kv_tokens": K, "kv_read": R, "seconds": t}
     {"kind": "evict",   "method": SPEC, "cuts": n, "seconds": t}
+    {"kind": "mixed",   "method": SPEC, "batch": B, "kv_tokens": K, "kv_read": R, "tokens": T, "seconds": t,
+                        "prefill_seconds": t_T, "decode_seconds": t_B}   (the prompt alone, the batch alone)
 
 (K: stored tokens of the batch per layer; R: the columns decode attention scores per layer, every
 sequence padded to the batch's widest, ``simulate.decode_read``.) Each operator's time is linear in
@@ -14,6 +16,14 @@ its features with non-negative coefficients (no term can make more work cheaper)
     prefill_s(T)   = c0 + c1 T + c2 T²        (one prompt; attention is quadratic)
     decode_s(B, R) = w(B) + c R                (w: piecewise linear through per-batch-size weights)
     evict_s(n)     = c1 n                      (no intercept)
+    mixed_s(B, R, T) = prefill_s(T) + k decode_s(B, R)
+
+A *mixed* step is a decode batch and a prompt in one forward (chunked prefill packs them): the
+weights are read once for all its rows, so the decode costs less than alone. How much less is
+measured, not assumed (a first guess, a decode token costing a prompt token's linear work, said 90%
+less; the engine on the reference machine saves 30-55%): ``k`` is fitted to the mixed points, each
+timed next to the same prompt alone and the same batch alone (``fit_mixed``); a profile without
+mixed points gives ``k = 1``.
 
 ``w(B)`` is what a decode step costs apart from reading the cache — the weight GEMMs, sampling, the
 step's bookkeeping — at each profiled batch size ``b_j`` (the knots, ``w_j >= 0``), linearly
@@ -49,8 +59,9 @@ OPERATORS: dict[str, tuple[str, ...]] = {
     "prefill": ("tokens", "tokens_sq"),
     "decode": ("kv_read",),  # plus the batch knots
     "evict": ("cuts",),
+    "mixed": ("prefill_s", "decode_s"),  # derived from the method's prefill and decode fits (fit_mixed)
 }
-INTERCEPT = {"prefill": True, "decode": True, "evict": False}
+INTERCEPT = {"prefill": True, "decode": True, "evict": False, "mixed": False}
 READ_SPREAD = 2.0  # decode points identify the read term when their columns per sequence vary this much
 KNOTTED = {"decode": "batch"}  # operator -> the feature its piecewise-linear basis is over
 
@@ -235,6 +246,13 @@ class FittedCost:
         """A decode step that reads ``kv_read`` columns per layer (``simulate.decode_read``: padded)."""
         return self._t("decode", batch=batch, kv_tokens=kv_tokens, kv_read=kv_read)
 
+    def packed_decode_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
+        """What a decode batch adds to a forward that also carries a prompt's tokens: ``k`` times
+        what it costs alone (``fit_mixed``; no mixed fit: ``k = 1``, no saving)."""
+        alone = self.decode_read_s(batch, kv_tokens, kv_read)
+        mixed = self.fits.get("mixed")
+        return alone if mixed is None else mixed.coef["decode_s"] * alone
+
     def evict_s(self, cuts: int) -> float:
         return self._t("evict", cuts=cuts)
 
@@ -255,10 +273,12 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
         kind = str(p.get("kind", p.get("op", "")))
         if kind not in OPERATORS or (kind == "evict" and not p.get("cuts")) or p.get(time_key) is None:
             continue
-        if time_key != "seconds":
-            p = {**p, "seconds": p[time_key]}
+        if time_key != "seconds":  # a mixed point's paired times too (prefill_cpu_seconds -> prefill_seconds)
+            p = {**p, "seconds": p[time_key], **{k[: -len(time_key)] + "seconds": v for k, v in p.items()
+                                                 if k.endswith("_" + time_key)}}
         groups.setdefault(str(p["method"]), {}).setdefault(kind, []).append(p)
-    fits = {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items()}) for m, ops in groups.items()}
+    fits = {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items() if op != "mixed"})
+            for m, ops in groups.items()}
     identified = {m: read_identified(ops.get("decode", [])) for m, ops in groups.items()}
     for m, ops in groups.items():
         codec = _codec(m)
@@ -268,7 +288,22 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
         if donor is not None:
             read = fits[donor].fits["decode"].coef["kv_read"]
             fits[m].fits["decode"] = fit_operator(ops["decode"], op="decode", fixed={"kv_read": read})
+    for m, ops in groups.items():
+        if ops.get("mixed") and {"prefill", "decode"} <= set(fits[m].fits):
+            fits[m].fits["mixed"] = fit_mixed(fits[m], ops["mixed"])
     return fits
+
+
+def fit_mixed(cost: FittedCost, points: Sequence[Mapping]) -> OperatorFit:
+    """``t = prefill_s(T) + k decode_s(B, R)`` over mixed-step points, ``k >= 0`` fitted on relative
+    residuals of the whole step. The prompt alone and the batch alone are the times measured next to
+    each mixed step (``prefill_seconds``, ``decode_seconds``) where the point has them, else what
+    the method's fits give."""
+    derived = [{"kind": "mixed", "prefill_s": p.get("prefill_seconds") or cost.prefill_s(int(p["tokens"])),
+                "decode_s": p.get("decode_seconds") or cost.decode_read_s(int(p["batch"]), float(p["kv_tokens"]),
+                                                                          float(p["kv_read"])),
+                "seconds": p["seconds"]} for p in points]
+    return fit_operator(derived, op="mixed", fixed={"prefill_s": 1.0})
 
 
 def read_identified(points: Sequence[Mapping]) -> bool:

@@ -23,6 +23,7 @@ at the few it happened to coincide with; the median over the passes is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -49,14 +50,20 @@ class ProfileGrid:
     warmup: int = 1
     rounds: int = 3
     repeats: int = 2
+    mixed_prompt: int = 256  # mixed steps: a prompt of this many tokens (at most the ladder's) admitted
+    # into a step of 1, half the ladder's and all its sequences, ``repeats`` times each; 0: none
 
     def to_dict(self) -> dict:
         return {"prefill": list(self.prefill), "ladders": [list(x) for x in self.ladders], "steps": self.steps,
-                "warmup": self.warmup, "rounds": self.rounds, "repeats": self.repeats}
+                "warmup": self.warmup, "rounds": self.rounds, "repeats": self.repeats,
+                "mixed_prompt": self.mixed_prompt}
+
+    def mixed_batches(self, max_batch: int) -> list[int]:
+        return sorted({max_batch, max(1, max_batch // 2), 1}, reverse=True) if self.mixed_prompt else []
 
 
 DEFAULT_GRID = ProfileGrid()
-QUICK_GRID = ProfileGrid(prefill=(32, 128, 256), ladders=((8, 128), (4, 256)), steps=2, rounds=2)
+QUICK_GRID = ProfileGrid(prefill=(32, 128, 256), ladders=((8, 128), (4, 256)), steps=2, rounds=2, mixed_prompt=128)
 
 
 def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -69,7 +76,8 @@ def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0,
 
     fp_token = _fp_token_bytes(model)
     points: list[dict] = []
-    work = len(grid.prefill) * grid.repeats + sum(b for b, _ in grid.ladders) * grid.rounds
+    work = len(grid.prefill) * grid.repeats + sum(b * grid.rounds + len(grid.mixed_batches(b)) * grid.repeats
+                                                  for b, _ in grid.ladders)
     bar = tqdm(total=work, desc=f"profile {method}", unit="pt", disable=not progress)
     engines = {T: Engine(model, method=method, kv_memory=int(2 * T * fp_token) + (16 << 20), max_prefill_tokens=T)
                for T in grid.prefill}
@@ -96,13 +104,16 @@ def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0,
 
 def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_token: int, bar) -> list[dict]:
     # the first sequence decodes in every step of the ladder, plus while the others are admitted
-    longest = C + B * grid.rounds * (grid.steps + grid.warmup) + B + 8
+    mixed = grid.mixed_batches(B)
+    longest = C + B * grid.rounds * (grid.steps + grid.warmup) + B + 8 + len(mixed) * grid.repeats
+    T = min(grid.mixed_prompt, C)
     # one whole prompt admitted per step, in a forward of its own (unchunked): each prefill timed alone
-    eng = Engine(model, method=method, config=EngineConfig(kv_memory=int(B * longest * fp_token * 1.3) + (32 << 20),
-                                                           max_batch=B, max_prefill_tokens=C, chunked_prefill=False))
+    eng = Engine(model, method=method, config=EngineConfig(
+        kv_memory=int((B * longest + T) * fp_token * 1.3) + (32 << 20), max_batch=B + 1, max_prefill_tokens=C,
+        chunked_prefill=False))
     for _ in range(B):
         eng.add_request(prompt(C), SamplingParams(max_tokens=longest - C, ignore_eos=True))
-    sch, st = eng.scheduler, eng.store
+    sch = eng.scheduler
     prefills = []
     while sch.waiting or any(not r.output for r in sch.running):
         reset_timers()
@@ -122,23 +133,37 @@ def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_to
             # without being freed (no request is waiting, so nothing is admitted into the free slots)
             sch.running = everyone[:b]
             for i in range(grid.warmup + grid.steps):
-                slots = torch.tensor([r.slot for r in sch.running])
-                tokens, read = int(st.counters.stored[slots].sum()) / st.L, decode_read(st, slots, st.plan_growth(slots).new_blocks)
-                evictions = eng.stats().evictions
-                reset_timers()
-                t0, c0 = time.perf_counter(), time.thread_time()
-                eng.step()
-                t, c = time.perf_counter() - t0, time.thread_time() - c0
-                cut = eng.stats().evictions - evictions
-                if cut:  # a rolling selector's cut-back is the evict operator's, not decode's
+                tokens, read = _reads(eng)
+                t, c, cut = _timed_step(eng)
+                if cut:
                     cuts.append((b, cut, timers().get("compact", 0.0)))
-                    t -= timers().get("compact", 0.0)
-                    c -= min(c, timers().get("compact", 0.0))  # its CPU time, taken as its wall time
                 if i >= grid.warmup:
                     samples[b].append(t)
                     cpu_samples[b].append(c)
                     kv_tokens[b].append(tokens)
                     kv_read[b].append(read)
+            bar.update()
+    points_mixed = []
+    # from here one forward carries the decode batch and the prompt (the engine's default, chunked)
+    eng.cfg, sch.chunked = dataclasses.replace(eng.cfg, chunked_prefill=True), True
+    for b in mixed:
+        for _ in range(grid.repeats):
+            # paired with the same prompt alone and the same batch alone, timed next to it: what the
+            # packing saves is a small difference of large times, so the machine's drift must cancel
+            point = {"kind": "mixed", "method": method, "batch": b, "context": C, "tokens": T}
+            for part, batch in (("prefill", []), ("decode", everyone[:b]), ("mixed", everyone[:b])):
+                sch.running = batch
+                if part == "mixed":
+                    point["kv_tokens"], point["kv_read"] = _reads(eng)
+                if part != "decode":
+                    eng.add_request(prompt(T), SamplingParams(max_tokens=1, ignore_eos=True))  # done in the step
+                t, c, _ = _timed_step(eng)
+                if part not in timers():
+                    raise RuntimeError(f"profile {method}: the {part} step of {len(batch)} sequences and a {T}-token "
+                                       f"prompt did not run as one")
+                key = "" if part == "mixed" else f"{part}_"
+                point[f"{key}seconds"], point[f"{key}cpu_seconds"] = t, c
+            points_mixed.append(point)
             bar.update()
     sch.running = everyone
     points = [{"kind": "prefill", "method": method, "tokens": C, "seconds": statistics.median(prefills),
@@ -150,4 +175,27 @@ def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_to
                        "cpu_seconds": statistics.median(cpu_samples[b]), "cpu_samples": cpu_samples[b]})
     points += [{"kind": "evict", "method": method, "batch": b, "context": C, "cuts": n, "seconds": t,
                 "cpu_seconds": t} for b, n, t in cuts]
-    return points
+    return points + points_mixed
+
+
+def _reads(eng: Engine) -> tuple[float, float]:
+    """The running batch's stored tokens and padded read per layer, as its next decode step sees them."""
+    st = eng.store
+    slots = torch.tensor([r.slot for r in eng.scheduler.running])
+    return int(st.counters.stored[slots].sum()) / st.L, decode_read(st, slots, st.plan_growth(slots).new_blocks)
+
+
+def _timed_step(eng: Engine) -> tuple[float, float, int]:
+    """One engine step: wall and CPU seconds without a rolling selector's cut-back (the evict
+    operator's, not the step's; its CPU time taken as its wall time), and the cut-backs it made."""
+    evictions = eng.stats().evictions
+    reset_timers()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    eng.step()
+    t, c = time.perf_counter() - t0, time.thread_time() - c0
+    cut = eng.stats().evictions - evictions
+    if cut:
+        compact = timers().get("compact", 0.0)
+        t, c = t - compact, c - min(c, compact)
+    return t, c, cut
+

@@ -11,8 +11,10 @@ A step is timed as the engine runs it: the decode of the running batch, the cut-
 step's prefill chunks (``SchedulerOutput.chunks``: whole prompts unchunked, each in a forward of its
 own; chunked, the pieces the step's ``max_prefill_tokens`` leaves room for, packed into the decode's
 forward). A preempted request re-prefills prompt + generated tokens (recompute). The cost of a step
-is the sum of its parts: a chunk ``[s, e)`` costs ``prefill_s(e) - prefill_s(s)``; what packing saves
-(the weights read once for decode and prefill tokens) is not modelled. Every token of a step is stamped at the
+is the sum of its parts: a chunk ``[s, e)`` costs ``prefill_s(e) - prefill_s(s)``; a decode batch
+packed with chunks into one forward costs ``packed_decode_s`` where the cost model has it (the
+weights are read once for decode and prompt rows: the profile's mixed steps measure what that saves),
+never less than decoding alone would. Every token of a step is stamped at the
 step's end, because that is when ``Engine.step`` returns them to its caller (``bench throughput`` and
 the server's worker alike): a decode token of a step that also admits a long prompt waits for it.
 
@@ -119,6 +121,7 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
     token_steps: dict[str, list[int]] = {}  # request id -> the step (1-based) of each output token
     clock, steps, peak = 0.0, 0, 0
     decode_cost = _decode_cost(costs)
+    packed = getattr(costs, "packed_decode_s", None)
     done = 0
 
     def finish(req: Request, reason: str) -> None:
@@ -154,10 +157,14 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
             if len(req.output) >= req.sampling.max_tokens or len(req.context) >= max_context:
                 finish(req, "length")
 
+        decode_alone = decode_packed = evict_s = chunks_s = 0.0
         if plan.decode:
             slots = plan.growth.slots
             kv_tokens = int(store.counters.stored[slots].sum()) / store.L
-            clock += decode_cost(len(plan.decode), int(kv_tokens), decode_read(store, slots))
+            read = decode_read(store, slots)
+            decode_alone = decode_packed = decode_cost(len(plan.decode), int(kv_tokens), read)
+            if packed is not None and plan.chunks and cfg.chunked_prefill:  # one forward with the prompts
+                decode_packed = packed(len(plan.decode), int(kv_tokens), read)
             store.advance(plan.growth)
             for req in plan.decode:
                 emit(req, steps, produced)
@@ -165,17 +172,18 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
             if alive:  # the engine cuts back inside its decode phase, before the prefills
                 cuts = evict_due(store, torch.tensor(alive), cfg.evict_every, cut=cut_accounting)
                 if cuts:
-                    clock += costs.evict_s(cuts)
+                    evict_s = costs.evict_s(cuts)
         for chunk in plan.chunks:
             req = chunk.req
             # a chunk [start, end) of a prompt costs what prefilling up to end costs beyond prefilling
             # up to start: the same weights per token, attention over the prefix it continues
-            clock += costs.prefill_s(chunk.end) - (costs.prefill_s(chunk.start) if chunk.start else 0.0)
+            chunks_s += costs.prefill_s(chunk.end) - (costs.prefill_s(chunk.start) if chunk.start else 0.0)
             if chunk.last:  # the prompt's KV enters the pool, its first token is sampled
                 for layer, kept in enumerate(store.kept_per_layer(req.prefill_len)):
                     store.record_stored(torch.tensor([req.slot]), layer, kept)
                 req.prefills += 1
                 emit(req, steps, produced)
+        clock += evict_s + max(decode_alone, chunks_s + decode_packed)  # packed: never below decoding alone
         peak = max(peak, len(sch.running))
         for req in produced:  # all returned by the step at its end
             times[id(req)].append(clock)

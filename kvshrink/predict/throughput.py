@@ -91,6 +91,9 @@ class Dilated:
     def decode_read_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
         return self.costs.decode_read_s(batch, kv_tokens, kv_read) / self.share
 
+    def packed_decode_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
+        return self.costs.packed_decode_s(batch, kv_tokens, kv_read) / self.share
+
     def evict_s(self, cuts: int) -> float:
         return self.costs.evict_s(cuts) / self.share
 

@@ -186,3 +186,38 @@ def test_an_evictor_whose_reads_do_not_vary_takes_the_read_cost_of_its_codec():
     assert alone.coef["kv_read"] != pytest.approx(READ, rel=0.1)  # what its points alone give
     other_codec = fit_points(synthetic_points("kivi:bits=2") + evictor)["streamingllm:budget=160"].fits["decode"]
     assert other_codec.coef == alone.coef
+
+
+def test_a_mixed_step_costs_its_prompt_and_a_fitted_share_of_its_decode():
+    """Mixed points built as prefill(T) + 0.4 decode(B, R) give k = 0.4 back; the packed decode is
+    0.4 of the decode alone, and a profile without mixed points keeps the whole decode (k = 1)."""
+    share = 0.4
+    mixed = [{"kind": "mixed", "method": "kivi:bits=2", "batch": B, "kv_tokens": B * C, "kv_read": B * (C + 1),
+              "tokens": T, "seconds": PREFILL[0] + PREFILL[1] * T + PREFILL[2] * T * T
+              + share * decode_time(B, B * (C + 1))}
+             for B, C, T in itertools.product((1, 4, 16), (128, 1024), (64, 256))]
+    fc = fit_points(synthetic_points() + mixed)["kivi:bits=2"]
+    assert fc.fits["mixed"].coef == {"prefill_s": 1.0, "decode_s": pytest.approx(share, rel=1e-5)}
+    assert fc.packed_decode_s(8, 8 * 512, 8 * 520) == pytest.approx(share * decode_time(8, 8 * 520), rel=1e-5)
+    plain = fit_points(synthetic_points())["kivi:bits=2"]
+    assert "mixed" not in plain.fits and plain.packed_decode_s(8, 0, 4096) == plain.decode_read_s(8, 0, 4096)
+    assert FittedCost.from_dict(fc.to_dict()).packed_decode_s(3, 9, 900) == fc.packed_decode_s(3, 9, 900)
+
+
+def test_mixed_points_timed_next_to_their_parts_use_those_times():
+    """Each mixed step here ran on a machine 30% slower than the fits (the prompt and batch alone,
+    timed next to it, say so): k comes from those paired times, not from the fits; the CPU-time fit
+    takes the points' paired CPU times."""
+    share = 0.5
+    mixed = []
+    for B, C, T in itertools.product((1, 4, 16), (128, 1024), (64, 256)):
+        pre, dec = 1.3 * (PREFILL[0] + PREFILL[1] * T + PREFILL[2] * T * T), 1.3 * decode_time(B, B * (C + 1))
+        mixed.append({"kind": "mixed", "method": "full", "batch": B, "kv_tokens": B * C, "kv_read": B * (C + 1),
+                      "tokens": T, "seconds": pre + share * dec, "prefill_seconds": pre, "decode_seconds": dec,
+                      "cpu_seconds": (pre + share * dec) / 2, "prefill_cpu_seconds": pre / 2,
+                      "decode_cpu_seconds": dec / 2})
+    pts = [{**p, "cpu_seconds": p["seconds"] / 2} for p in synthetic_points("full")] + mixed
+    for time_key in ("seconds", "cpu_seconds"):
+        got = fit_points(pts, time_key=time_key)["full"].fits["mixed"]
+        assert got.coef["decode_s"] == pytest.approx(share, rel=1e-5) and got.max_rel_error < 1e-6
+

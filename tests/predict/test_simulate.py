@@ -144,3 +144,41 @@ def test_a_split_prompt_costs_its_chunks():
     whole = simulate(model.config, "full", [SimRequest(100, 2)], PerToken(),
                      EngineConfig(kv_memory="8MiB", block_size=8, max_prefill_tokens=60, chunked_prefill=False))
     assert whole.token_steps == {"0": [1, 2]} and whole.ttft_s == [pytest.approx(1.0)]
+
+
+@dataclass
+class Packed(Flat):
+    """A decode batch in the same forward as a prompt adds 0.1 s instead of its 0.5 s alone."""
+
+    def packed_decode_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
+        return 0.1
+
+
+def test_a_decode_packed_with_a_prompt_costs_what_the_cost_model_says_packed():
+    """As in the test above, but A's decode in step 3 rides in B's prefill forward: the step costs
+    1 + 0.1 s (not 1.5), so both tokens come back at 2.6. Unchunked, the prompt has a forward of its
+    own and the step costs the sum again."""
+    model = tiny_model("llama")
+    reqs = [SimRequest(10, 3, 0.0), SimRequest(10, 3, 1.2)]
+    res = simulate(model.config, "full", reqs, Packed(), EngineConfig(kv_memory="8MiB", block_size=8))
+    assert res.token_steps == {"0": [1, 2, 3], "1": [3, 4, 5]}
+    assert res.e2e_s == [pytest.approx(2.6), pytest.approx(2.4)] and res.ttft_s == [1.0, pytest.approx(1.4)]
+    apart = simulate(model.config, "full", reqs, Packed(), EngineConfig(kv_memory="8MiB", block_size=8,
+                                                                        chunked_prefill=False))
+    assert apart.e2e_s == [3.0, pytest.approx(2.8)]
+
+
+def test_a_packed_decode_never_costs_less_than_decoding_alone():
+    """A's 10-token prompt takes 0.1 s; B (1 token) arrives at 0.05 and is prefilled next to A's
+    first decode: 0.01 s of prompt + 0.1 s packed is below the decode's 0.5 s alone, so the step
+    costs 0.5 s and ends at 0.6."""
+    @dataclass
+    class TinyPrompt(Packed):
+        def prefill_s(self, tokens: int) -> float:
+            return 0.01 * tokens
+
+    model = tiny_model("llama")
+    res = simulate(model.config, "full", [SimRequest(10, 3, 0.0), SimRequest(1, 1, 0.05)], TinyPrompt(),
+                   EngineConfig(kv_memory="8MiB", block_size=8))
+    assert res.token_steps["1"] == [2] and res.e2e_s[1] == pytest.approx(0.6 - 0.05)
+

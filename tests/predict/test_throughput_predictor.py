@@ -116,5 +116,11 @@ def test_profile_measures_every_batch_size_of_a_ladder():
         else:  # held at 16 + at most one cadence (32) per layer
             assert cuts and all(p["cuts"] > 0 for p in cuts)
             assert all(p["kv_tokens"] <= p["batch"] * (16 + 32) for p in dec)
-        fit = fit_points(pts)[spec].fits["decode"]
-        assert fit.knots == (1, 2, 3, 4)
+        fits = fit_points(pts)[spec].fits
+        assert fits["decode"].knots == (1, 2, 3, 4)
+        # mixed steps: the ladder's prompt length (256 > 40) admitted next to 4, 2 and 1 decoding sequences
+        mixed = [p for p in pts if p["kind"] == "mixed"]
+        assert [(p["batch"], p["tokens"]) for p in mixed] == [(4, 40)] * 2 + [(2, 40)] * 2 + [(1, 40)] * 2
+        assert all(p["seconds"] > 0 and p["kv_read"] >= p["kv_tokens"] > 0 for p in mixed)
+        assert all(p[f"{part}_{t}"] > 0 for p in mixed for part in ("prefill", "decode") for t in ("seconds", "cpu_seconds"))
+        assert fits["mixed"].coef["prefill_s"] == 1.0 and fits["mixed"].coef["decode_s"] >= 0
