@@ -317,6 +317,8 @@ def _add_predict(sub) -> None:
     v.add_argument("--rounds", type=int, default=1,
                    help="measure every row this many times, round after round; rows report medians and the "
                         "measured [min-max], errors are taken between medians")
+    v.add_argument("--no-speed-probe", action="store_true",
+                   help="skip the decode-step probe before and after each measurement (the *_at_speed predictions)")
 
     def run_validate(a):
         from kvshrink.predict.commands import run_validate

@@ -274,6 +274,6 @@ def run_validate(a) -> int:
     sweep = serve_sweep(a.serve_rates, a.serve_workload, torch.get_num_threads())
     model, tok = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
     rows = validate(model, a.profile, a.method, a.workload, a.kv_memory, a.out, serve=sweep, model_name=a.model,
-                    tokenizer=tok, rounds=a.rounds)
+                    tokenizer=tok, rounds=a.rounds, speed_probe=not a.no_speed_probe)
     print(validation_table(rows))
     return 0

@@ -109,6 +109,7 @@ def predict(profile: str | Path, method: str, requests: list[SimRequest], kv_mem
 # --------------------------------------------------------------------------------------- validate
 VALIDATE_WORKLOADS = ("decode-heavy=8x384x96", "long-prompt=3x1536x48", "decode-heavy=12x256x64@rate=0.5")
 COMPARED = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "preemptions")
+VARIANTS = ("", "_at_share", "_at_speed")  # the profile as measured; CPU time at the run's share; at the probe's speed
 
 
 @dataclass(frozen=True)
@@ -131,15 +132,66 @@ class ServeSweep:
         return f"serve:{self.requests}x{self.prompt}x{self.output}"
 
 
+class SpeedProbe:
+    """The machine's speed now against when it was profiled: a few decode steps of a fixed batch
+    (``batch`` sequences of ``context`` tokens, prefilled once per method) timed, over what the
+    method's profile fit says those steps cost. On a cloud VM the same steps can run 10-25% slower
+    one half hour than the next (the CPU is shared in ways its CPU time does not show: memory
+    bandwidth, frequency), so an error of the prediction at the machine's speed (``_at_speed``)
+    is the model's own, apart from the drift."""
+
+    def __init__(self, model, models: dict[str, FittedCost], batch: int = 4, context: int = 256, steps: int = 4):
+        self.model, self.models, self.batch, self.context, self.steps = model, models, batch, context, steps
+        self._engines: dict = {}
+
+    def _engine(self, method: str):
+        from kvshrink.bench.throughput import _fp_token_bytes
+        from kvshrink.engine import Engine, SamplingParams
+
+        if method not in self._engines:
+            vocab = self.model.config.get_text_config().vocab_size
+            g = torch.Generator().manual_seed(7)
+            longest = self.context + 1024
+            eng = Engine(self.model, method=method, max_batch=self.batch,
+                         kv_memory=int(self.batch * longest * _fp_token_bytes(self.model) * 1.3) + (32 << 20))
+            for _ in range(self.batch):
+                eng.add_request(torch.randint(3, vocab, (self.context,), generator=g).tolist(),
+                                SamplingParams(max_tokens=longest - self.context, ignore_eos=True))
+            while eng.scheduler.waiting or any(not r.output for r in eng.scheduler.running):
+                eng.step()
+            eng.step()  # warm
+            self._engines[method] = eng
+        return self._engines[method]
+
+    def factor(self, method: str) -> float:
+        """Measured over predicted seconds of ``steps`` decode steps (> 1: slower than profiled)."""
+        from kvshrink.predict.profile import _reads, _timed_step
+
+        eng, cost = self._engine(method), self.models[method]
+        measured = predicted = 0.0
+        for _ in range(self.steps):
+            if not eng.scheduler.running:  # the probe's sequences ran out: prefill new ones
+                del self._engines[method]
+                eng = self._engine(method)
+            kv_tokens, read = _reads(eng)
+            predicted += cost.decode_read_s(len(eng.scheduler.running), kv_tokens, read)
+            measured += _timed_step(eng)[0]
+        return measured / predicted
+
+
 def _compare(method: str, workload: str, kv: int, measured: dict, predicted: dict,
-             at_share: dict | None = None, share: float | None = None) -> dict:
+             at_share: dict | None = None, share: float | None = None, at_speed: dict | None = None,
+             speed: float | None = None) -> dict:
     """One row: measured, predicted (wall-clock profile) and, where the profile has CPU-time fits,
     predicted from CPU time at the CPU share the measured run got (``_at_share``): what the model
-    says once the machine's load is taken as measured, so a model error shows apart from the load."""
-    row = {"method": method, "workload": workload, "kv_memory": parse_bytes(kv), "cpu_share": share}
+    says once the machine's load is taken as measured, so a model error shows apart from the load;
+    with a ``SpeedProbe`` factor ``speed`` (before and after the run, averaged), predicted with
+    every step cost times it (``_at_speed``)."""
+    row = {"method": method, "workload": workload, "kv_memory": parse_bytes(kv), "cpu_share": share,
+           "speed_factor": speed}
     for k in COMPARED:
         m = measured.get(k)
-        for suffix, pred in (("", predicted), ("_at_share", at_share)):
+        for suffix, pred in (("", predicted), ("_at_share", at_share), ("_at_speed", at_speed)):
             if pred is None:
                 continue
             row[f"{k}_predicted{suffix}"] = pred.get(k)
@@ -155,6 +207,20 @@ def _at_share(cfg, method: str, reqs: list[SimRequest], cpu_models: dict[str, Fi
     return simulate(cfg, method, reqs, Dilated(cpu_models[method], share), EngineConfig(kv_memory=kv)).percentiles()
 
 
+def _at_speed(cfg, method: str, reqs: list[SimRequest], models: dict[str, FittedCost], kv, speed: float | None):
+    if not speed:
+        return None
+    return simulate(cfg, method, reqs, Dilated(models[method], 1 / speed), EngineConfig(kv_memory=kv)).percentiles()
+
+
+def _speed(probe: SpeedProbe | None, method: str, before: float | None = None) -> float | None:
+    """A probe's factor now (None without a probe), averaged with ``before`` (the one before the run)."""
+    if probe is None:
+        return None
+    now = probe.factor(method)
+    return now if before is None else (before + now) / 2
+
+
 def combine_rounds(rows: list[dict]) -> dict:
     """One row from the rounds of one (method, workload): the median of each measured figure, its
     [min, max] over rounds (``*_measured_range``: how far the machine alone moved it), the median of
@@ -163,15 +229,16 @@ def combine_rounds(rows: list[dict]) -> dict:
     if len(rows) == 1:
         return out
     out["rounds"] = len(rows)
-    shares = [r["cpu_share"] for r in rows if r.get("cpu_share") is not None]
-    out["cpu_share"] = statistics.median(shares) if shares else None
+    for key in ("cpu_share", "speed_factor"):
+        got = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = statistics.median(got) if got else None
     for k in COMPARED:
         got = [r[f"{k}_measured"] for r in rows if r.get(f"{k}_measured") is not None]
         if not got:
             continue
         m = statistics.median(got)
         out[f"{k}_measured"], out[f"{k}_measured_range"] = m, [min(got), max(got)]
-        for suffix in ("", "_at_share"):
+        for suffix in VARIANTS:
             preds = [r[f"{k}_predicted{suffix}"] for r in rows if r.get(f"{k}_predicted{suffix}") is not None]
             if preds:
                 p = statistics.median(preds)
@@ -181,7 +248,7 @@ def combine_rounds(rows: list[dict]) -> dict:
 
 def validate(model, profile: str | Path, methods: list[str] | None, workloads: list[str] | None,
              kv_memory: int | str | None, out: str | Path, serve: ServeSweep | None = None,
-             model_name: str | None = None, tokenizer=None, rounds: int = 1) -> list[dict]:
+             model_name: str | None = None, tokenizer=None, rounds: int = 1, speed_probe: bool = True) -> list[dict]:
     """Each method x workload measured on the engine and predicted from the profile, side by side.
     ``NAME=NxPxO@rate=R`` gives Poisson arrivals at R requests/s (seeded). With ``serve`` (and the
     ``model_name`` a server loads, and its ``tokenizer``), one request-rate sweep through the server too.
@@ -189,11 +256,13 @@ def validate(model, profile: str | Path, methods: list[str] | None, workloads: l
     ``rounds``: every measurement that many times, round after round (all engine rows, then the
     server sweep, then again), each round's row kept in ``records.jsonl``; the rows returned are
     ``combine_rounds``' medians, with the measured range that says how much of an error is the
-    machine's own spread."""
+    machine's own spread. ``speed_probe``: a ``SpeedProbe`` before and after every measurement, and
+    the predictions at the speed it found too (``*_at_speed``)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     cfg, models = load_profile(profile)
     cpu_models = load_profile(profile, cpu=True)[1]
+    probe = SpeedProbe(model, models) if speed_probe else None
     run = open_run(out, {"kind": "predict-validate", "profile": str(profile), "methods": methods,
                          "workloads": workloads, "kv_memory": kv_memory, "rounds": rounds,
                          "serve": None if serve is None else {**asdict(serve), "rates": [str(r) for r in serve.rates]}})
@@ -211,16 +280,19 @@ def validate(model, profile: str | Path, methods: list[str] | None, workloads: l
                 row = done.get((m, wl, rnd))
                 if row is None:
                     predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
+                    before = _speed(probe, m)
                     c0, t0 = time.process_time(), time.perf_counter()
                     measured = run_trace(model, m, reqs, kv)
                     share = (time.process_time() - c0) / (time.perf_counter() - t0)
+                    speed = _speed(probe, m, before)
                     row = {**_compare(m, wl, kv, measured, predicted,
-                                      _at_share(cfg, m, reqs, cpu_models, kv, share), share), "round": rnd}
+                                      _at_share(cfg, m, reqs, cpu_models, kv, share), share,
+                                      _at_speed(cfg, m, reqs, models, kv, speed), speed), "round": rnd}
                     records.append(row)
                 by_row.setdefault((m, wl), []).append(row)
         if serve is not None:
             for row in _validate_serve(cfg, models, cpu_models, methods or list(models), serve, kv_memory,
-                                       model_name, tokenizer, run, records, done, rnd):
+                                       model_name, tokenizer, run, records, done, rnd, probe):
                 by_row.setdefault((row["method"], row["workload"]), []).append(row)
     rows = [combine_rounds(rs) for rs in by_row.values()]
     write_json_atomic(run / "summary.json", {"rows": rows, "rounds": rounds})
@@ -239,7 +311,7 @@ def _process_cpu_s(pid: int) -> float | None:
 def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, FittedCost], methods: list[str],
                     sweep: ServeSweep,
                     kv_memory: int | str | None, model_name: str, tokenizer, run: Path, records: Records,
-                    done: dict, rnd: int = 0) -> list[dict]:
+                    done: dict, rnd: int = 0, probe: SpeedProbe | None = None) -> list[dict]:
     """One server per method (``bench serve``'s ``LaunchedServer``), the sweep's rates sent to it;
     the simulator gets the same prompts' token counts and the same arrival offsets. Round ``rnd``'s
     rows (those in ``done`` are not measured again)."""
@@ -267,10 +339,12 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
                 reqs = [SimRequest(r.prompt_tokens, r.output_tokens, t) for r, t in zip(base, offsets)]
                 predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
                 pid = server.proc.pid if getattr(server, "proc", None) is not None else None
+                before = _speed(probe, m)
                 c0, t0 = (_process_cpu_s(pid) if pid else None), time.perf_counter()
                 got, results = serve_measure(server.url, model_name, bench, rate, seed=sweep.seed)
                 c1 = _process_cpu_s(pid) if pid else None
                 share = (c1 - c0) / (time.perf_counter() - t0) if c0 is not None and c1 is not None else None
+                speed = _speed(probe, m, before)
                 if got["failed"]:
                     errors = sorted({r.error for r in results if r.error})
                     raise RuntimeError(f"server sweep, {m} at {_rate_label(rate)} req/s: {got['failed']} requests "
@@ -278,7 +352,8 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
                 measured = {"output_tokens_per_s": got["output_throughput"], "ttft_ms_p50": got["median_ttft_ms"],
                             "tpot_ms_p50": got["median_tpot_ms"], "e2e_ms_p50": got["median_e2el_ms"]}
                 row = _compare(m, f"{sweep.label}@rate={_rate_label(rate)}", kv, measured, predicted,
-                               _at_share(cfg, m, reqs, cpu_models, kv, share), share)
+                               _at_share(cfg, m, reqs, cpu_models, kv, share), share,
+                               _at_speed(cfg, m, reqs, models, kv, speed), speed)
                 # the server's own count of the prompts: the simulator's input, from the client's tokenizer
                 row["prompt_tokens_server"] = got["total_input_tokens"]
                 row["prompt_tokens_simulated"] = sum(r.prompt_tokens for r in base)
@@ -295,18 +370,23 @@ def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_p
         m, p = r.get(k + "_measured"), r.get(k + "_predicted")
         if m is None or p is None:
             return "-"
-        err, at, spread = r.get(k + "_error"), r.get(k + "_error_at_share"), r.get(k + "_measured_range")
+        err, spread = r.get(k + "_error"), r.get(k + "_measured_range")
+        at, fast = r.get(k + "_error_at_share"), r.get(k + "_error_at_speed")
         got = f"{m:.1f} [{spread[0]:.1f}-{spread[1]:.1f}]" if spread else f"{m:.1f}"
         text = f"{got} / {p:.1f} ({err * 100:+.1f}%)" if err is not None else f"{got} / {p:.1f}"
-        return text + (f" [{at * 100:+.1f}%]" if at is not None else "")
+        return text + (f" [{at * 100:+.1f}%]" if at is not None else "") + \
+            (f" {{{fast * 100:+.1f}%}}" if fast is not None else "")
 
-    share = lambda r: f"{r['cpu_share']:.2f}" if r.get("cpu_share") else "-"  # noqa: E731
-    lines = ["| method | workload | CPU share | " + " | ".join(f"{k} measured / predicted (error) "
-                                                                 f"[error at the run's CPU share]" for k in keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
-    lines += [f"| {r['method']} | {r['workload']} | {share(r)} | " + " | ".join(cell(r, k) for k in keys) + " |"
-              for r in rows]
-    for suffix, what in (("_error", "wall-clock profile"), ("_error_at_share", "CPU-time profile at the run's share")):
+    def num(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if r.get(key) else "-"
+
+    lines = ["| method | workload | CPU share | speed | " + " | ".join(
+        f"{k} measured / predicted (error) [at the run's CPU share] {{at the probe's speed}}" for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
+    lines += [f"| {r['method']} | {r['workload']} | {num(r, 'cpu_share')} | {num(r, 'speed_factor')} | "
+              + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
+    for suffix, what in (("_error", "wall-clock profile"), ("_error_at_share", "CPU-time profile at the run's share"),
+                         ("_error_at_speed", "wall-clock profile at the probe's speed")):
         for k in keys:
             errs = [abs(r[k + suffix]) for r in rows if r.get(k + suffix) is not None]
             if errs:

@@ -139,6 +139,17 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
     assert "| full | serve:3x12x4@rate=inf | - |" in table
     assert "output_tokens_per_s (wall-clock profile): within 5% in" in table
     assert "output_tokens_per_s (CPU-time profile at the run's share): within 5% in" in table
+    # a decode-step probe before and after every measurement (the server's too: it runs here, while
+    # the server waits): the prediction at the probe's speed is the simulator with every cost times it
+    from kvshrink.predict.throughput import Dilated
+
+    assert all(r["speed_factor"] > 0 for r in rows)
+    speed = serve_rows[1]["speed_factor"]
+    slowed = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Dilated(models["full"], 1 / speed),
+                      EngineConfig(kv_memory="8MiB"))
+    assert serve_rows[1]["output_tokens_per_s_predicted_at_speed"] == slowed.output_tokens_per_s
+    assert slowed.output_tokens_per_s == pytest.approx(direct.output_tokens_per_s / speed)
+    assert "output_tokens_per_s (wall-clock profile at the probe's speed): within 5% in" in table
     # a rerun resumes: nothing measured again, no server started
     _InProcessServer.launched = []
     again = validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val", serve=sweep,
@@ -203,3 +214,25 @@ def test_validate_cli_arguments():
     assert serve_sweep("none", "8x320x48", 1) is None
     with pytest.raises(ValueError, match="REQUESTSxPROMPTxOUTPUT"):
         serve_sweep("1", "8x320", 1)
+
+
+def test_speed_probe_times_decode_steps_of_a_fixed_batch_against_the_profile():
+    """The probe decodes its own 4 sequences (prefilled once per method, growing a token a step) and
+    divides the steps' time by what the cost model says they cost: charged 1 s a step, a tiny
+    model's millisecond steps give a factor far below 1."""
+    from kvshrink.predict.throughput import SpeedProbe
+    from tests.conftest import tiny_model
+
+    seen = []
+
+    class OneSecond:
+        def decode_read_s(self, batch, kv_tokens, kv_read):
+            seen.append((batch, kv_tokens, kv_read))
+            return 1.0
+
+    probe = SpeedProbe(tiny_model("llama"), {"full": OneSecond()}, batch=4, context=16, steps=3)
+    first, second = probe.factor("full"), probe.factor("full")
+    assert 0 < first < 0.5 and 0 < second < 0.5
+    assert [b for b, _, _ in seen] == [4] * 6
+    # 16 prompt tokens + the warm-up step's, then one more per probed step, on the same sequences
+    assert [kv for _, kv, _ in seen] == [4 * (17 + i) for i in range(6)]
