@@ -133,8 +133,8 @@ def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_to
             # without being freed (no request is waiting, so nothing is admitted into the free slots)
             sch.running = everyone[:b]
             for i in range(grid.warmup + grid.steps):
-                tokens, read = _reads(eng)
-                t, c, cut = _timed_step(eng)
+                tokens, read = batch_reads(eng)
+                t, c, cut = timed_step(eng)
                 if cut:
                     cuts.append((b, cut, timers().get("compact", 0.0)))
                 if i >= grid.warmup:
@@ -154,10 +154,10 @@ def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_to
             for part, batch in (("prefill", []), ("decode", everyone[:b]), ("mixed", everyone[:b])):
                 sch.running = batch
                 if part == "mixed":
-                    point["kv_tokens"], point["kv_read"] = _reads(eng)
+                    point["kv_tokens"], point["kv_read"] = batch_reads(eng)
                 if part != "decode":
                     eng.add_request(prompt(T), SamplingParams(max_tokens=1, ignore_eos=True))  # done in the step
-                t, c, _ = _timed_step(eng)
+                t, c, _ = timed_step(eng)
                 if part not in timers():
                     raise RuntimeError(f"profile {method}: the {part} step of {len(batch)} sequences and a {T}-token "
                                        f"prompt did not run as one")
@@ -178,14 +178,14 @@ def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_to
     return points + points_mixed
 
 
-def _reads(eng: Engine) -> tuple[float, float]:
+def batch_reads(eng: Engine) -> tuple[float, float]:
     """The running batch's stored tokens and padded read per layer, as its next decode step sees them."""
     st = eng.store
     slots = torch.tensor([r.slot for r in eng.scheduler.running])
     return int(st.counters.stored[slots].sum()) / st.L, decode_read(st, slots, st.plan_growth(slots).new_blocks)
 
 
-def _timed_step(eng: Engine) -> tuple[float, float, int]:
+def timed_step(eng: Engine) -> tuple[float, float, int]:
     """One engine step: wall and CPU seconds without a rolling selector's cut-back (the evict
     operator's, not the step's; its CPU time taken as its wall time), and the cut-backs it made."""
     evictions = eng.stats().evictions

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from kvshrink.bench.throughput import _fp_token_bytes
 from kvshrink.bench.trace import load_trace, run_trace
+from kvshrink.engine import Engine, SamplingParams
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.pool import parse_bytes
 from kvshrink.predict.costmodel import FittedCost, fit_points, fit_report
-from kvshrink.predict.profile import DEFAULT_GRID, QUICK_GRID, ProfileGrid, measure
+from kvshrink.predict.profile import DEFAULT_GRID, QUICK_GRID, ProfileGrid, batch_reads, measure, timed_step
 from kvshrink.predict.simulate import SimRequest, SimResult, simulate
 from kvshrink.results import Records, open_run, write_json_atomic
 
@@ -142,12 +144,9 @@ class SpeedProbe:
 
     def __init__(self, model, models: dict[str, FittedCost], batch: int = 4, context: int = 256, steps: int = 4):
         self.model, self.models, self.batch, self.context, self.steps = model, models, batch, context, steps
-        self._engines: dict = {}
+        self._engines: dict[str, Engine] = {}
 
-    def _engine(self, method: str):
-        from kvshrink.bench.throughput import _fp_token_bytes
-        from kvshrink.engine import Engine, SamplingParams
-
+    def _engine(self, method: str) -> Engine:
         if method not in self._engines:
             vocab = self.model.config.get_text_config().vocab_size
             g = torch.Generator().manual_seed(7)
@@ -165,17 +164,15 @@ class SpeedProbe:
 
     def factor(self, method: str) -> float:
         """Measured over predicted seconds of ``steps`` decode steps (> 1: slower than profiled)."""
-        from kvshrink.predict.profile import _reads, _timed_step
-
         eng, cost = self._engine(method), self.models[method]
         measured = predicted = 0.0
         for _ in range(self.steps):
             if not eng.scheduler.running:  # the probe's sequences ran out: prefill new ones
                 del self._engines[method]
                 eng = self._engine(method)
-            kv_tokens, read = _reads(eng)
+            kv_tokens, read = batch_reads(eng)
             predicted += cost.decode_read_s(len(eng.scheduler.running), kv_tokens, read)
-            measured += _timed_step(eng)[0]
+            measured += timed_step(eng)[0]
         return measured / predicted
 
 
