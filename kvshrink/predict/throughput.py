@@ -205,9 +205,8 @@ def _at_share(cfg, method: str, reqs: list[SimRequest], cpu_models: dict[str, Fi
 
 
 def _at_speed(cfg, method: str, reqs: list[SimRequest], models: dict[str, FittedCost], kv, speed: float | None):
-    if not speed:
-        return None
-    return simulate(cfg, method, reqs, Dilated(models[method], 1 / speed), EngineConfig(kv_memory=kv)).percentiles()
+    """Every step cost times ``speed``: the profile on a machine running at ``1 / speed`` of it."""
+    return _at_share(cfg, method, reqs, models, kv, 1 / speed if speed else None)
 
 
 def _speed(probe: SpeedProbe | None, method: str, before: float | None = None) -> float | None:
