@@ -23,6 +23,7 @@ from kvshrink.bench.trace import load_trace, run_trace
 from kvshrink.engine import Engine, SamplingParams
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.pool import parse_bytes
+from kvshrink.engine.timers import reset_timers, timers
 from kvshrink.predict.costmodel import FittedCost, fit_points, fit_report
 from kvshrink.predict.profile import DEFAULT_GRID, QUICK_GRID, ProfileGrid, batch_reads, measure, timed_step
 from kvshrink.predict.simulate import SimRequest, SimResult, simulate
@@ -77,27 +78,36 @@ def load_profile(path: str | Path, cpu: bool = False) -> tuple[PretrainedConfig,
 
 
 @dataclass
-class Dilated:
-    """Step costs of a machine that gives this process ``share`` of a CPU: every step takes its CPU
-    time over the share (a run's share is its CPU time over its wall time)."""
+class Scaled:
+    """Step costs times a factor: ``prefill`` for a prompt's forward, ``decode`` for a decode step,
+    the decode part packed with a prompt, and a cut-back. Two factors because a shared machine slows
+    them apart: a decode step is bound by memory traffic, which a neighbour's load takes, a prefill
+    by arithmetic, which it hardly does (``SpeedProbe`` measures both)."""
 
     costs: FittedCost
-    share: float
+    prefill: float
+    decode: float
+
+    @classmethod
+    def at_share(cls, costs: FittedCost, share: float) -> Scaled:
+        """A machine that gives this process ``share`` of a CPU: every step takes its CPU time over
+        the share (a run's share is its CPU time over its wall time)."""
+        return cls(costs, 1 / share, 1 / share)
 
     def prefill_s(self, tokens: int) -> float:
-        return self.costs.prefill_s(tokens) / self.share
+        return self.costs.prefill_s(tokens) * self.prefill
 
     def decode_s(self, batch: int, kv_tokens: float) -> float:
-        return self.costs.decode_s(batch, kv_tokens) / self.share
+        return self.costs.decode_s(batch, kv_tokens) * self.decode
 
     def decode_read_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
-        return self.costs.decode_read_s(batch, kv_tokens, kv_read) / self.share
+        return self.costs.decode_read_s(batch, kv_tokens, kv_read) * self.decode
 
     def packed_decode_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
-        return self.costs.packed_decode_s(batch, kv_tokens, kv_read) / self.share
+        return self.costs.packed_decode_s(batch, kv_tokens, kv_read) * self.decode
 
     def evict_s(self, cuts: int) -> float:
-        return self.costs.evict_s(cuts) / self.share
+        return self.costs.evict_s(cuts) * self.decode
 
 
 def predict(profile: str | Path, method: str, requests: list[SimRequest], kv_memory: int | str,
@@ -134,36 +144,52 @@ class ServeSweep:
         return f"serve:{self.requests}x{self.prompt}x{self.output}"
 
 
+@dataclass(frozen=True)
+class Speed:
+    """Measured over predicted seconds (> 1: slower than when profiled), of prompts and of decode steps."""
+
+    prefill: float
+    decode: float
+
+    def mean(self, other: Speed) -> Speed:
+        return Speed((self.prefill + other.prefill) / 2, (self.decode + other.decode) / 2)
+
+
 class SpeedProbe:
     """The machine's speed now against when it was profiled: a few decode steps of a fixed batch
-    (``batch`` sequences of ``context`` tokens, prefilled once per method) timed, over what the
-    method's profile fit says those steps cost. On a cloud VM the same steps can run 10-25% slower
-    one half hour than the next (the CPU is shared in ways its CPU time does not show: memory
-    bandwidth, frequency), so an error of the prediction at the machine's speed (``_at_speed``)
-    is the model's own, apart from the drift."""
+    (``batch`` sequences of ``context`` tokens, prefilled once per method) and ``prefills`` prompts
+    of ``context`` tokens alone, timed, over what the method's profile fit says they cost. On a cloud
+    VM the same steps can run 10-25% slower one half hour than the next (the CPU is shared in ways its
+    CPU time does not show: memory bandwidth, frequency), and decode steps and prompts slow apart, so
+    an error of the prediction at the machine's speed (``_at_speed``) is the model's own, apart from
+    the drift."""
 
-    def __init__(self, model, models: dict[str, FittedCost], batch: int = 4, context: int = 256, steps: int = 4):
-        self.model, self.models, self.batch, self.context, self.steps = model, models, batch, context, steps
+    def __init__(self, model, models: dict[str, FittedCost], batch: int = 4, context: int = 256, steps: int = 4,
+                 prefills: int = 2):
+        self.model, self.models, self.batch, self.context = model, models, batch, context
+        self.steps, self.prefills = steps, prefills
         self._engines: dict[str, Engine] = {}
+        self._vocab = model.config.get_text_config().vocab_size
+        self._prompts = torch.Generator().manual_seed(7)
+
+    def _prompt(self) -> list[int]:
+        return torch.randint(3, self._vocab, (self.context,), generator=self._prompts).tolist()
 
     def _engine(self, method: str) -> Engine:
         if method not in self._engines:
-            vocab = self.model.config.get_text_config().vocab_size
-            g = torch.Generator().manual_seed(7)
             longest = self.context + 1024
-            eng = Engine(self.model, method=method, max_batch=self.batch,
-                         kv_memory=int(self.batch * longest * _fp_token_bytes(self.model) * 1.3) + (32 << 20))
+            # a slot and room for one more prompt than the batch: the prefill probe's, while the batch waits
+            eng = Engine(self.model, method=method, max_batch=self.batch + 1,
+                         kv_memory=int((self.batch + 1) * longest * _fp_token_bytes(self.model) * 1.3) + (32 << 20))
             for _ in range(self.batch):
-                eng.add_request(torch.randint(3, vocab, (self.context,), generator=g).tolist(),
-                                SamplingParams(max_tokens=longest - self.context, ignore_eos=True))
+                eng.add_request(self._prompt(), SamplingParams(max_tokens=longest - self.context, ignore_eos=True))
             while eng.scheduler.waiting or any(not r.output for r in eng.scheduler.running):
                 eng.step()
             eng.step()  # warm
             self._engines[method] = eng
         return self._engines[method]
 
-    def factor(self, method: str) -> float:
-        """Measured over predicted seconds of ``steps`` decode steps (> 1: slower than profiled)."""
+    def factor(self, method: str) -> Speed:
         eng, cost = self._engine(method), self.models[method]
         measured = predicted = 0.0
         for _ in range(self.steps):
@@ -173,19 +199,32 @@ class SpeedProbe:
             kv_tokens, read = batch_reads(eng)
             predicted += cost.decode_read_s(len(eng.scheduler.running), kv_tokens, read)
             measured += timed_step(eng)[0]
-        return measured / predicted
+        prefill_measured, sch = 0.0, eng.scheduler
+        batch, sch.running = sch.running, []  # the batch waits with its blocks: the prompt runs alone
+        try:
+            for _ in range(self.prefills):
+                eng.add_request(self._prompt(), SamplingParams(max_tokens=1, ignore_eos=True))
+                reset_timers()
+                eng.step()
+                if "prefill" not in timers():
+                    raise RuntimeError(f"speed probe {method}: a {self.context}-token prompt did not run alone")
+                prefill_measured += timers()["prefill"]  # the profile's prefill points time the same
+        finally:
+            sch.running = batch
+        prefill_predicted = self.prefills * cost.prefill_s(self.context)
+        return Speed(prefill_measured / prefill_predicted if self.prefills else 1.0, measured / predicted)
 
 
 def _compare(method: str, workload: str, kv: int, measured: dict, predicted: dict,
              at_share: dict | None = None, share: float | None = None, at_speed: dict | None = None,
-             speed: float | None = None) -> dict:
+             speed: Speed | None = None) -> dict:
     """One row: measured, predicted (wall-clock profile) and, where the profile has CPU-time fits,
     predicted from CPU time at the CPU share the measured run got (``_at_share``): what the model
     says once the machine's load is taken as measured, so a model error shows apart from the load;
-    with a ``SpeedProbe`` factor ``speed`` (before and after the run, averaged), predicted with
-    every step cost times it (``_at_speed``)."""
+    with the ``SpeedProbe``'s factors ``speed`` (before and after the run, averaged), predicted with
+    every prompt's and decode step's cost times its factor (``_at_speed``)."""
     row = {"method": method, "workload": workload, "kv_memory": parse_bytes(kv), "cpu_share": share,
-           "speed_factor": speed}
+           "speed_factor": speed and speed.decode, "prefill_speed_factor": speed and speed.prefill}
     for k in COMPARED:
         m = measured.get(k)
         for suffix, pred in (("", predicted), ("_at_share", at_share), ("_at_speed", at_speed)):
@@ -201,20 +240,24 @@ def _compare(method: str, workload: str, kv: int, measured: dict, predicted: dic
 def _at_share(cfg, method: str, reqs: list[SimRequest], cpu_models: dict[str, FittedCost], kv, share: float | None):
     if method not in cpu_models or not share:
         return None
-    return simulate(cfg, method, reqs, Dilated(cpu_models[method], share), EngineConfig(kv_memory=kv)).percentiles()
+    return simulate(cfg, method, reqs, Scaled.at_share(cpu_models[method], share),
+                    EngineConfig(kv_memory=kv)).percentiles()
 
 
-def _at_speed(cfg, method: str, reqs: list[SimRequest], models: dict[str, FittedCost], kv, speed: float | None):
-    """Every step cost times ``speed``: the profile on a machine running at ``1 / speed`` of it."""
-    return _at_share(cfg, method, reqs, models, kv, 1 / speed if speed else None)
+def _at_speed(cfg, method: str, reqs: list[SimRequest], models: dict[str, FittedCost], kv, speed: Speed | None):
+    """The profile on a machine running prompts and decode steps at ``1 / speed`` of it."""
+    if speed is None:
+        return None
+    return simulate(cfg, method, reqs, Scaled(models[method], speed.prefill, speed.decode),
+                    EngineConfig(kv_memory=kv)).percentiles()
 
 
-def _speed(probe: SpeedProbe | None, method: str, before: float | None = None) -> float | None:
-    """A probe's factor now (None without a probe), averaged with ``before`` (the one before the run)."""
+def _speed(probe: SpeedProbe | None, method: str, before: Speed | None = None) -> Speed | None:
+    """A probe's factors now (None without a probe), averaged with ``before`` (the ones before the run)."""
     if probe is None:
         return None
     now = probe.factor(method)
-    return now if before is None else (before + now) / 2
+    return now if before is None else before.mean(now)
 
 
 def combine_rounds(rows: list[dict]) -> dict:
@@ -225,7 +268,7 @@ def combine_rounds(rows: list[dict]) -> dict:
     if len(rows) == 1:
         return out
     out["rounds"] = len(rows)
-    for key in ("cpu_share", "speed_factor"):
+    for key in ("cpu_share", "speed_factor", "prefill_speed_factor"):
         got = [r[key] for r in rows if r.get(key) is not None]
         out[key] = statistics.median(got) if got else None
     for k in COMPARED:
@@ -376,10 +419,11 @@ def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_p
     def num(r: dict, key: str) -> str:
         return f"{r[key]:.2f}" if r.get(key) else "-"
 
-    lines = ["| method | workload | CPU share | speed | " + " | ".join(
+    lines = ["| method | workload | CPU share | speed (decode / prefill) | " + " | ".join(
         f"{k} measured / predicted (error) [at the run's CPU share] {{at the probe's speed}}" for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]
-    lines += [f"| {r['method']} | {r['workload']} | {num(r, 'cpu_share')} | {num(r, 'speed_factor')} | "
+    lines += [f"| {r['method']} | {r['workload']} | {num(r, 'cpu_share')} | "
+              f"{num(r, 'speed_factor')} / {num(r, 'prefill_speed_factor')} | "
               + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
     for suffix, what in (("_error", "wall-clock profile"), ("_error_at_share", "CPU-time profile at the run's share"),
                          ("_error_at_speed", "wall-clock profile at the probe's speed")):

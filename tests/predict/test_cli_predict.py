@@ -140,15 +140,19 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
     assert "output_tokens_per_s (wall-clock profile): within 5% in" in table
     assert "output_tokens_per_s (CPU-time profile at the run's share): within 5% in" in table
     # a decode-step probe before and after every measurement (the server's too: it runs here, while
-    # the server waits): the prediction at the probe's speed is the simulator with every cost times it
-    from kvshrink.predict.throughput import Dilated
+    # the server waits): the prediction at the probe's speed is the simulator with every prompt's
+    # cost times the prefill factor and every decode step's times the decode factor
+    from kvshrink.predict.throughput import Scaled
 
-    assert all(r["speed_factor"] > 0 for r in rows)
-    speed = serve_rows[1]["speed_factor"]
-    slowed = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Dilated(models["full"], 1 / speed),
+    assert all(r["speed_factor"] > 0 and r["prefill_speed_factor"] > 0 for r in rows)
+    decode, prefill = serve_rows[1]["speed_factor"], serve_rows[1]["prefill_speed_factor"]
+    slowed = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Scaled(models["full"], prefill, decode),
                       EngineConfig(kv_memory="8MiB"))
     assert serve_rows[1]["output_tokens_per_s_predicted_at_speed"] == slowed.output_tokens_per_s
-    assert slowed.output_tokens_per_s == pytest.approx(direct.output_tokens_per_s / speed)
+    assert slowed.ttft_s == pytest.approx([t * prefill for t in direct.ttft_s])  # 3 prompts in one step
+    uniform = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Scaled(models["full"], decode, decode),
+                       EngineConfig(kv_memory="8MiB"))
+    assert uniform.output_tokens_per_s == pytest.approx(direct.output_tokens_per_s / decode)
     assert "output_tokens_per_s (wall-clock profile at the probe's speed): within 5% in" in table
     # a rerun resumes: nothing measured again, no server started
     _InProcessServer.launched = []
@@ -216,23 +220,32 @@ def test_validate_cli_arguments():
         serve_sweep("1", "8x320", 1)
 
 
-def test_speed_probe_times_decode_steps_of_a_fixed_batch_against_the_profile():
+def test_speed_probe_times_decode_steps_and_prompts_against_the_profile():
     """The probe decodes its own 4 sequences (prefilled once per method, growing a token a step) and
-    divides the steps' time by what the cost model says they cost: charged 1 s a step, a tiny
-    model's millisecond steps give a factor far below 1."""
-    from kvshrink.predict.throughput import SpeedProbe
+    prefills prompts of their length alone while they wait, and divides each time by what the cost
+    model says: charged 1 s a step and 10 s a prompt, a tiny model's millisecond steps give factors
+    far below 1, the prompts' ten times lower than the steps' would be at equal speed."""
+    from kvshrink.predict.throughput import Speed, SpeedProbe
     from tests.conftest import tiny_model
 
-    seen = []
+    seen, prompts = [], []
 
-    class OneSecond:
+    class Charged:
         def decode_read_s(self, batch, kv_tokens, kv_read):
             seen.append((batch, kv_tokens, kv_read))
             return 1.0
 
-    probe = SpeedProbe(tiny_model("llama"), {"full": OneSecond()}, batch=4, context=16, steps=3)
+        def prefill_s(self, tokens):
+            prompts.append(tokens)
+            return 10.0
+
+    probe = SpeedProbe(tiny_model("llama"), {"full": Charged()}, batch=4, context=16, steps=3, prefills=2)
     first, second = probe.factor("full"), probe.factor("full")
-    assert 0 < first < 0.5 and 0 < second < 0.5
-    assert [b for b, _, _ in seen] == [4] * 6
-    # 16 prompt tokens + the warm-up step's, then one more per probed step, on the same sequences
+    for speed in (first, second):
+        assert 0 < speed.decode < 0.5 and 0 < speed.prefill < 0.05
+    assert [b for b, _, _ in seen] == [4] * 6 and prompts == [16, 16]
+    # 16 prompt tokens + the warm-up step's, then one more per probed step, on the same sequences:
+    # the prompts probed in between run alone and leave the batch as it was
     assert [kv for _, kv, _ in seen] == [4 * (17 + i) for i in range(6)]
+    assert len(probe._engines["full"].scheduler.running) == 4
+    assert Speed(1.0, 2.0).mean(Speed(3.0, 4.0)) == Speed(2.0, 3.0)

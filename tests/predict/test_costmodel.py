@@ -156,14 +156,14 @@ def test_errors_and_profile_records(tmp_path):
 def test_cpu_time_fit_and_a_share_of_the_cpu():
     """``time_key="cpu_seconds"`` fits the CPU-time samples (points without them are skipped); at a
     CPU share of one half every step takes twice its CPU time."""
-    from kvshrink.predict.throughput import Dilated
+    from kvshrink.predict.throughput import Scaled
 
     pts = [{**p, "cpu_seconds": p["seconds"] / 2} for p in synthetic_points()]
     pts.append({"kind": "prefill", "method": "kivi:bits=2", "tokens": 77, "seconds": 9.0})  # wall time only
     wall, cpu = fit_points(pts)["kivi:bits=2"], fit_points(pts, time_key="cpu_seconds")["kivi:bits=2"]
     assert cpu.fits["prefill"].n == wall.fits["prefill"].n - 1
     assert cpu.decode_read_s(8, 0, 4096) == pytest.approx(decode_time(8, 4096) / 2, rel=1e-6)
-    half = Dilated(cpu, 0.5)
+    half = Scaled.at_share(cpu, 0.5)
     assert half.decode_read_s(8, 0, 4096) == pytest.approx(decode_time(8, 4096), rel=1e-6)
     assert half.prefill_s(100) == pytest.approx(2 * cpu.prefill_s(100)) and half.evict_s(3) == 2 * cpu.evict_s(3)
 
