@@ -11,7 +11,8 @@ full-precision bytes for every layer of every step: at batch 16 and 1k context a
 traffic what the codec stores, and scores are computed in the code domain (see the .cpp header).
 
 Which payloads: what an encoder declares in ``Encoder.row_format`` (``methods.base.RowFormat``):
-plain fp32 rows (``full``, ``fp``) on both sides; bit-packed codes with per-channel token groups
+plain rows in the model's dtype (``full``, ``fp``: fp32, or bf16/fp16 widened to fp32 a block at a
+time in L1) on both sides, and residual rings the same; bit-packed codes with per-channel token groups
 (KIVI keys: scores only) or per-token channel groups (KIVI values, ``int8``/``int4``: scores and
 values). Anything else, another device, or a build that fails (a warning says why) runs the eager
 path, which stays the reference the tests compare against.
@@ -39,12 +40,17 @@ _P, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c
 
 
 class _Blocks(ctypes.Structure):  # paged_kernels.cpp: struct Blocks
-    _fields_ = [("bits", _I32), ("per_channel", _I32), ("group", _I64), ("data", _P), ("scale", _P), ("zero", _P)]
+    _fields_ = [("bits", _I32), ("per_channel", _I32), ("group", _I64), ("data", _P), ("scale", _P), ("zero", _P),
+                ("elem", _I32)]
 
 
 class _Side(ctypes.Structure):  # struct Side
     _fields_ = [("blocks", _Blocks), ("encoded", _P), ("ring", _P), ("R", _I64), ("ring_start", _P),
-                ("ring_len", _P), ("write_new", _I32), ("leaving", _P)]
+                ("ring_len", _P), ("write_new", _I32), ("ring_elem", _I32), ("leaving", _P)]
+
+
+# plain rows (blocks of bits 0, residual rings) in the model's dtype: paged_kernels.cpp's enum Elem
+ELEM = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class _Step(ctypes.Structure):  # struct Step
@@ -131,7 +137,8 @@ class BlockReader:
         quant = fmt.bits != 0
         self.blocks = _Blocks(fmt.bits, int(fmt.per_channel), fmt.group,
                               _ptr(fields["q"] if quant else fields["x"]),
-                              _ptr(fields["scale"]) if quant else None, _ptr(fields.get("zero")))
+                              _ptr(fields["scale"]) if quant else None, _ptr(fields.get("zero")),
+                              0 if quant else ELEM[fields["x"].dtype])
 
     def _check(self, rc: int) -> None:
         if rc:
@@ -163,7 +170,7 @@ class DecodeKernel:
     does. What ``decode_attention``'s eager and per-reader paths compute, without their ~40 small
     tensor ops per layer, and without a commit's gather, encode and scatter of one token per layer.
 
-    ``rings``: per side, the pool's ``[L, S, H, R, D]`` fp32 residual rings, or None."""
+    ``rings``: per side, the pool's ``[L, S, H, R, D]`` residual rings (fp32, bf16 or fp16), or None."""
 
     def __init__(self, k: BlockReader, v: BlockReader, rings: tuple[torch.Tensor | None, torch.Tensor | None],
                  write_new: tuple[bool, bool], flush: tuple[bool, bool] = (False, False)):
@@ -189,7 +196,7 @@ class DecodeKernel:
             r = ring[layer] if ring is not None else None
             sides.append(_Side(reader.blocks, _ptr(encoded), _ptr(r), r.shape[2] if r is not None else 0,
                                _ptr(start) if r is not None else None, _ptr(length) if r is not None else None,
-                               int(write), _ptr(leaving) if flush else None))
+                               int(write), ELEM[r.dtype] if r is not None else 0, _ptr(leaving) if flush else None))
         sink = sinks.float().contiguous() if sinks is not None else None
         step = _Step(_ptr(q), _ptr(key), _ptr(value), _ptr(tables), _ptr(slots), _ptr(stored), tables.stride(0),
                      stored.stride(0), scaling, float(softcap or 0.0), int(window or 0), _ptr(sink), _ptr(out),
@@ -217,7 +224,7 @@ def _supported(fmt: RowFormat, fields: dict[str, torch.Tensor], head_dim: int, b
     if head_dim % 8 or any(not t.is_contiguous() for t in fields.values()):  # the kernels step 8 channels
         return False
     if fmt.bits == 0:
-        return dtype == torch.float32 and fields["x"].dtype == torch.float32
+        return dtype in ELEM and fields["x"].dtype == dtype
     per = 8 // fmt.bits if fmt.bits in (1, 2, 4, 8) else 0
     if not per or head_dim % per or fields["scale"].dtype != torch.float16:
         return False

@@ -6,7 +6,7 @@
 // (positions >= valid[b] are never read: their logits are -inf, their weight 0).
 //
 // Pool layouts (per block; what the encoders' FieldLayouts give, see kvshrink/engine/pool.py):
-//   plain:                     x [N, H, bs, D] float32
+//   plain:                     x [N, H, bs, D] in the model's dtype: float32, bfloat16 or float16
 //   quantised, codes:          q [N, H, bs, D*bits/8] uint8, code k of byte i is channel i*per + k
 //   per-channel groups (KIVI keys, groups of G tokens):  scale/zero [N, H, bs/G, D] float16
 //   per-token groups (KIVI values, int8/int4, groups of C channels): scale/zero [N, H, bs, D/C] float16
@@ -27,6 +27,9 @@
 // A plain (fp32) read is bound by memory, not arithmetic: while one block is worked on, the next
 // one's lines are prefetched, spread over the rows of the current tile (a burst of them at a block's
 // start did less well, measured); the softmax's exponentials are 8 lanes at a time (exp8).
+// Plain bf16/fp16 rows (blocks and residual rings of a half-precision model) are widened into an fp32
+// tile in L1 first, a block at a time: half the bytes read, the same micro-kernels. Everything is
+// computed in fp32, as the quantised paths are; a new token is stored back rounded to nearest even.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -36,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -49,6 +53,12 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 struct Shape {
   int64_t B, H, g, D, nb, bs;
+};
+
+// The element type of plain rows (blocks with bits == 0, residual rings): the model's dtype.
+enum Elem : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+struct bf16 {
+  uint16_t bits;
 };
 
 // 8 floats: one AVX register with -march=native on x86, two NEON ones on ARM (GCC vector extension).
@@ -253,6 +263,58 @@ inline float f32(half h) {
   return static_cast<float>(x);
 }
 
+inline half to_half(float f) {
+  const _Float16 x = static_cast<_Float16>(f);
+  half h;
+  std::memcpy(&h, &x, sizeof h);
+  return h;
+}
+
+// n elements of a half-precision row into fp32 (exact), and fp32 into a plain row (rounded to nearest
+// even, as torch's .to() rounds).
+inline void widen(const half* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32(src[i]);
+}
+inline void widen(const bf16* src, float* dst, int64_t n) {
+  auto out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(src[i].bits) << 16;  // vectorises
+}
+inline void narrow(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void narrow(const float* src, half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_half(src[i]);
+}
+inline void narrow(const float* src, bf16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof u);
+    dst[i].bits = std::isnan(src[i]) ? static_cast<uint16_t>((u >> 16) | 0x40)
+                                     : static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+  }
+}
+
+// f(T{}) with T the C++ type of element type `elem`.
+template <typename F>
+void with_elem(int32_t elem, F f) {
+  switch (elem) {
+    case BF16: f(bf16{}); break;
+    case F16: f(half{}); break;
+    default: f(float{}); break;
+  }
+}
+
+// Rows [0, n) of D elements as fp32: where they lie (fp32), or widened into this thread's tile.
+template <typename T>
+const float* as_f32(const T* rows, int64_t n, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows;
+  } else {
+    thread_local std::vector<float> tile;
+    if (static_cast<int64_t>(tile.size()) < n * D) tile.resize(n * D);
+    widen(rows, tile.data(), n * D);
+    return tile.data();
+  }
+}
+
 inline float zero_of(const half* zero, const half* scale, int64_t at, float offset) {
   return zero ? f32(zero[at]) : -offset * f32(scale[at]);
 }
@@ -310,25 +372,43 @@ struct TokenTiles {
 // (table: the sequence's row of block ids). The batch entry points run them over every pair
 // (each_head); the fused decode step runs them inside its own per-pair pipeline.
 
-// ---------------------------------------------------------------------------------- plain fp32
+// ------------------------------------------------------------------------------------- plain rows
 
+// The block after this one, prefetched while this one is worked on: fp32 rows spread the prefetch
+// over the micro-kernel's rows (`next`); half-precision rows are widened first, so the next block is
+// asked for whole before that.
+template <typename T>
+const float* plain_next(const T* next, int64_t bytes) {
+  if constexpr (std::is_same_v<T, float>) {
+    return next;
+  } else {
+    if (next) prefetch(next, bytes);
+    return nullptr;
+  }
+}
 
-void scores_plain_head(const float* qh, const float* x, const int64_t* table, int64_t h, int64_t end,
+template <typename T>
+void scores_plain_head(const float* qh, const T* x, const int64_t* table, int64_t h, int64_t end,
                        float scaling, float* ob, int64_t W, const Shape& s) {
   for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
-    const float* rows = x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D;
-    const float* next = t0 + s.bs < end ? x + (table[t0 / s.bs + 1] * s.H + h) * s.bs * s.D : nullptr;
-    scores_tile(qh, nullptr, s.g, rows, std::min(s.bs, end - t0), s.D, scaling, ob + t0, W, next);
+    const int64_t n = std::min(s.bs, end - t0);
+    const T* next = t0 + s.bs < end ? x + (table[t0 / s.bs + 1] * s.H + h) * s.bs * s.D : nullptr;
+    const float* pf = plain_next(next, s.bs * s.D * static_cast<int64_t>(sizeof(T)));
+    const float* rows = as_f32(x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D, n, s.D);
+    scores_tile(qh, nullptr, s.g, rows, n, s.D, scaling, ob + t0, W, pf);
   }
 }
 
 // acc[gi * D + d] += sum_t p[gi * W + t] x_t[d]
-void values_plain_head(const float* ph, int64_t W, const float* x, const int64_t* table, int64_t h, int64_t end,
+template <typename T>
+void values_plain_head(const float* ph, int64_t W, const T* x, const int64_t* table, int64_t h, int64_t end,
                        float* acc, const Shape& s) {
   for (int64_t t0 = 0; t0 < end; t0 += s.bs) {
-    const float* rows = x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D;
-    const float* next = t0 + s.bs < end ? x + (table[t0 / s.bs + 1] * s.H + h) * s.bs * s.D : nullptr;
-    values_tile(ph + t0, W, s.g, rows, std::min(s.bs, end - t0), s.D, acc, next);
+    const int64_t n = std::min(s.bs, end - t0);
+    const T* next = t0 + s.bs < end ? x + (table[t0 / s.bs + 1] * s.H + h) * s.bs * s.D : nullptr;
+    const float* pf = plain_next(next, s.bs * s.D * static_cast<int64_t>(sizeof(T)));
+    const float* rows = as_f32(x + (table[t0 / s.bs] * s.H + h) * s.bs * s.D, n, s.D);
+    values_tile(ph + t0, W, s.g, rows, n, s.D, acc, pf);
   }
 }
 
@@ -412,14 +492,15 @@ void values_per_token_head(const float* ph, int64_t W, const uint8_t* codes, con
 }
 
 // ------------------------------------------------------------------------- one side's blocks
-// A stream's payload as the pool lays it out (bits 0: plain fp32 in x; else codes + fp16 scale/zero,
-// per_channel: KIVI-style token groups of `group`, else per-token channel groups of `group`).
+// A stream's payload as the pool lays it out (bits 0: plain rows of type `elem` in x; else codes +
+// fp16 scale/zero, per_channel: KIVI-style token groups of `group`, else per-token channel groups).
 struct Blocks {
   int32_t bits, per_channel;
   int64_t group;
-  const void* data;  // x (float) or codes (uint8)
+  const void* data;  // x (elem) or codes (uint8)
   const void* scale;
   const void* zero;
+  int32_t elem;
 };
 
 template <int BITS> struct ScoresHead {
@@ -459,28 +540,41 @@ bool readable(const Blocks& b, bool weights) {
 
 void block_scores(const Blocks& k, const float* qh, const int64_t* table, int64_t h, int64_t end, float scaling,
                   float* ob, int64_t W, const Shape& s) {
-  if (k.bits == 0) scores_plain_head(qh, static_cast<const float*>(k.data), table, h, end, scaling, ob, W, s);
-  else by_bits<ScoresHead>(k.bits, k, qh, table, h, end, scaling, ob, W, s);
+  if (k.bits) {
+    by_bits<ScoresHead>(k.bits, k, qh, table, h, end, scaling, ob, W, s);
+    return;
+  }
+  with_elem(k.elem, [&](auto tag) {
+    using T = decltype(tag);
+    scores_plain_head(qh, static_cast<const T*>(k.data), table, h, end, scaling, ob, W, s);
+  });
 }
 
 void block_values(const Blocks& v, const float* ph, int64_t W, const int64_t* table, int64_t h, int64_t end,
                   float* ob, const Shape& s) {
-  if (v.bits == 0) values_plain_head(ph, W, static_cast<const float*>(v.data), table, h, end, ob, s);
-  else by_bits<ValuesHead>(v.bits, v, ph, W, table, h, end, ob, s);
+  if (v.bits) {
+    by_bits<ValuesHead>(v.bits, v, ph, W, table, h, end, ob, s);
+    return;
+  }
+  with_elem(v.elem, [&](auto tag) {
+    using T = decltype(tag);
+    values_plain_head(ph, W, static_cast<const T*>(v.data), table, h, end, ob, s);
+  });
 }
 
 // --------------------------------------------------------------------- the fused decode step
-// One side (keys or values) of one layer for a decode batch: its blocks, its residual ring (fp32
-// [S, H, R, D], R = 0: none) and the per-sequence counters (stride cstride, one layer's column of the
-// step's [B, L] counters): tokens in blocks, ring start and length.
+// One side (keys or values) of one layer for a decode batch: its blocks, its residual ring ([S, H, R,
+// D] of type ring_elem, R = 0: none) and the per-sequence counters (stride cstride, one layer's column
+// of the step's [B, L] counters): tokens in blocks, ring start and length.
 struct Side {
   Blocks blocks;
   const int64_t* encoded;
-  float* ring;
+  void* ring;
   int64_t R;
   const int64_t* ring_start;
   const int64_t* ring_len;
   int32_t write_new;        // store the new token: into the ring (R > 0), else into the blocks (encoded)
+  int32_t ring_elem;
   const int64_t* leaving;   // per row, ring rows encoded into the blocks this step (chunk-1 streams), or null
 };
 
@@ -490,13 +584,6 @@ struct Side {
 // round-half-even((x - z) / max(s, 1e-8)) in [0, 2^b - 1]; symmetric s = half(max|x| / qmax), codes
 // round((x / s)) in [-qmax, qmax] offset by 2^(b-1); packed 8/b per byte, channel i*per + k in bits
 // k*b of byte i. Quantising against the rounded scale keeps |x - x'| <= s/2 for what is stored.
-inline half to_half(float f) {
-  const _Float16 x = static_cast<_Float16>(f);
-  half h;
-  std::memcpy(&h, &x, sizeof h);
-  return h;
-}
-
 template <int BITS> struct EncodeRow {
   static void run(const Blocks& bl, const float* x, int64_t tok, int64_t D) {
     constexpr int per = 8 / BITS;
@@ -536,8 +623,14 @@ template <int BITS> struct EncodeRow {
 // Token `pos` of head h (its block from `table`): a copy (plain) or the encoder's codes (per-token groups).
 void store_token(const Blocks& bl, const float* x, const int64_t* table, int64_t h, int64_t pos, const Shape& s) {
   const int64_t tok = (table[pos / s.bs] * s.H + h) * s.bs + pos % s.bs;
-  if (bl.bits == 0) std::copy(x, x + s.D, const_cast<float*>(static_cast<const float*>(bl.data)) + tok * s.D);
-  else by_bits<EncodeRow>(bl.bits, bl, x, tok, s.D);
+  if (bl.bits) {
+    by_bits<EncodeRow>(bl.bits, bl, x, tok, s.D);
+    return;
+  }
+  with_elem(bl.elem, [&](auto tag) {
+    using T = decltype(tag);
+    narrow(x, const_cast<T*>(static_cast<const T*>(bl.data)) + tok * s.D, s.D);
+  });
 }
 
 // Which layouts the kernel can store a token into: plain, or per-token groups (not KIVI's key groups).
@@ -574,9 +667,13 @@ void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, i
   const int64_t enc_k = std::min(K.encoded[b * cs], s.nb * s.bs);
   block_scores(K.blocks, qh, table, h, enc_k, st.scaling, lg.data(), W, s);
   if (K.R) {
-    const float* ring = K.ring + (slot * s.H + h) * K.R * s.D;
-    ring_runs(K.ring_start[b * cs], K.ring_len[b * cs], K.R, [&](int64_t r0, int64_t cnt, int64_t off) {
-      scores_tile(qh, nullptr, s.g, ring + r0 * s.D, cnt, s.D, st.scaling, lg.data() + enc_k + off, W);
+    with_elem(K.ring_elem, [&](auto tag) {
+      using T = decltype(tag);
+      const T* ring = static_cast<const T*>(K.ring) + (slot * s.H + h) * K.R * s.D;
+      ring_runs(K.ring_start[b * cs], K.ring_len[b * cs], K.R, [&](int64_t r0, int64_t cnt, int64_t off) {
+        scores_tile(qh, nullptr, s.g, as_f32(ring + r0 * s.D, cnt, s.D), cnt, s.D, st.scaling,
+                    lg.data() + enc_k + off, W);
+      });
     });
   }
   const float* kn = st.knew + bh * s.D;
@@ -618,9 +715,12 @@ void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, i
   const int64_t enc_v = std::min(V.encoded[b * cs], s.nb * s.bs);
   block_values(V.blocks, lg.data(), W, table, h, enc_v, ob, s);
   if (V.R) {
-    const float* ring = V.ring + (slot * s.H + h) * V.R * s.D;
-    ring_runs(V.ring_start[b * cs], V.ring_len[b * cs], V.R, [&](int64_t r0, int64_t cnt, int64_t off) {
-      values_tile(lg.data() + enc_v + off, W, s.g, ring + r0 * s.D, cnt, s.D, ob);
+    with_elem(V.ring_elem, [&](auto tag) {
+      using T = decltype(tag);
+      const T* ring = static_cast<const T*>(V.ring) + (slot * s.H + h) * V.R * s.D;
+      ring_runs(V.ring_start[b * cs], V.ring_len[b * cs], V.R, [&](int64_t r0, int64_t cnt, int64_t off) {
+        values_tile(lg.data() + enc_v + off, W, s.g, as_f32(ring + r0 * s.D, cnt, s.D), cnt, s.D, ob);
+      });
     });
   }
   const float* vn = st.vnew + bh * s.D;
@@ -630,15 +730,20 @@ void decode_head(const Side& K, const Side& V, const Step& st, const Shape& s, i
   // (into the ring's next free row, which a ring of R = residual + 1 rows never shares with them).
   for (const Side* side : {&K, &V}) {
     const int64_t e = side->encoded[b * cs];
-    float* ring = side->R ? side->ring + (slot * s.H + h) * side->R * s.D : nullptr;
-    const int64_t start = side->R ? side->ring_start[b * cs] : 0;
-    const int64_t n_out = side->leaving ? side->leaving[b * cs] : 0;
-    for (int64_t i = 0; i < n_out; ++i)
-      store_token(side->blocks, ring + ((start + i) % side->R) * s.D, table, h, e + i, s);
-    if (!side->write_new) continue;
     const float* src = side == &K ? kn : vn;
-    if (side->R) std::copy(src, src + s.D, ring + ((start + side->ring_len[b * cs]) % side->R) * s.D);
-    else store_token(side->blocks, src, table, h, e, s);
+    if (!side->R) {
+      if (side->write_new) store_token(side->blocks, src, table, h, e, s);
+      continue;
+    }
+    with_elem(side->ring_elem, [&](auto tag) {
+      using T = decltype(tag);
+      T* ring = static_cast<T*>(side->ring) + (slot * s.H + h) * side->R * s.D;
+      const int64_t start = side->ring_start[b * cs];
+      const int64_t n_out = side->leaving ? side->leaving[b * cs] : 0;
+      for (int64_t i = 0; i < n_out; ++i)
+        store_token(side->blocks, as_f32(ring + ((start + i) % side->R) * s.D, 1, s.D), table, h, e + i, s);
+      if (side->write_new) narrow(src, ring + ((start + side->ring_len[b * cs]) % side->R) * s.D, s.D);
+    });
   }
 }
 

@@ -256,7 +256,7 @@ class KVStore:
         self.decode_kernel = None
         rings_read = all(r is None or rr is not None for r, rr in ((self.kres, self.kres_reader),
                                                                    (self.vres, self.vres_reader)))
-        if self.k_reader is not None and self.v_reader is not None and rings_read and dtype == torch.float32:
+        if self.k_reader is not None and self.v_reader is not None and rings_read:
             # the kernel stores the new token into a ring, or into blocks it can store into; and it
             # encodes the rows leaving a ring one at a time (KIVI's values), where it can store them
             sides = ((self.k, self.k_reader), (self.v, self.v_reader))

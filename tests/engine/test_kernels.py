@@ -66,12 +66,38 @@ def test_reads_blocks_in_place_as_the_decoded_reference(spec, side):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["k", "v"])
+def test_reads_half_precision_rows_in_place(dtype, side):
+    """A half-precision model's plain blocks are read as they lie, widened exactly to fp32: scores
+    and weighted sums equal fp32 arithmetic on the same stored values."""
+    fields, _ = encoded_blocks(parse("full").codec.key_encoder(), 5)
+    fields = {"x": fields["x"].to(dtype)}
+    reader = block_reader(parse("full").codec.key_encoder().row_format(D), fields, H, D, BS, dtype, CPU)
+    assert reader is not None
+    tables, valid = torch.tensor([[1, 2], [3, 4], [4, 0]]), torch.tensor([64, 40, 1])  # block 0: NaN, never read
+    ref_kv = fields["x"].float()[tables].transpose(1, 2).reshape(3, H, 2 * BS, D)
+    live = torch.arange(2 * BS)[None, :] < valid[:, None]
+    g = torch.Generator().manual_seed(1)
+    if side == "k":
+        q = torch.randn(3, H, G, D, generator=g)
+        out = torch.empty(3, H, G, 2 * BS)
+        reader.scores(q, tables, valid, out, 0.125)
+        ref = (torch.einsum("bhgd,bhtd->bhgt", q, torch.nan_to_num(ref_kv)) * 0.125)
+        torch.testing.assert_close(out, ref.masked_fill(~live[:, None, None, :], float("-inf")), rtol=1e-4, atol=1e-4)
+    else:
+        p = torch.softmax(torch.randn(3, H, G, 2 * BS, generator=g), -1)
+        ref = torch.einsum("bhgt,bhtd->bhgd", p * live[:, None, None, :], torch.nan_to_num(ref_kv))
+        torch.testing.assert_close(reader.values(p, tables, valid), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_layouts_the_kernels_do_not_read_fall_back():
     gear = parse("gear").codec.key_encoder()
     assert gear.row_format(D) is None
     fields, _ = encoded_blocks(parse("fp").codec.key_encoder(), 2)
     plain = parse("fp").codec.key_encoder().row_format(D)
-    assert block_reader(plain, {"x": fields["x"].bfloat16()}, H, D, BS, torch.bfloat16, CPU) is None
+    assert block_reader(plain, {"x": fields["x"].double()}, H, D, BS, torch.float64, CPU) is None
+    assert block_reader(plain, {"x": fields["x"].bfloat16()}, H, D, BS, torch.float32, CPU) is None  # not the model's
     assert block_reader(plain, fields, H, D, BS, torch.float32, torch.device("meta")) is None
     assert block_reader(plain, {"x": torch.zeros(2, H, BS, 36)}, H, 36, BS, torch.float32, CPU) is None
 
@@ -93,7 +119,7 @@ def recording(runner) -> list[torch.Tensor]:
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_oss"])  # gemma2: sliding layers, soft-cap; gpt-oss: sinks
 def test_engine_does_not_depend_on_the_kernels(spec, arch):
     """Three paths, the same logits at every step: one fused kernel call per layer, the per-side
-    readers (what runs where one part has no kernel: a bf16 ring), and eager PyTorch."""
+    readers (what runs where one part has no kernel), and eager PyTorch."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (70, 9, 151)]
@@ -114,12 +140,15 @@ def test_engine_does_not_depend_on_the_kernels(spec, arch):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "int4:group=32", "kivi:bits=2", "kivi:bits=4"])
-def test_the_decode_kernel_stores_tokens_as_the_encoder_does(spec):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", ["full", "int8", "int4", "int4:group=32", "kivi:bits=2", "kivi:bits=4"])
+def test_the_decode_kernel_stores_tokens_as_the_encoder_does(spec, dtype):
     """Bit for bit: a new token stored straight into quantised blocks (int8/int4 keys and values), and
     the row leaving a one-token-at-a-time residual ring (KIVI's values) encoded into the blocks, hold
     the codes, scales and zeros ``Encoder.encode`` gives (the Python commit's path); the new token
-    goes to the ring's next free row; nothing else is written."""
+    goes to the ring's next free row; nothing else is written. In a half-precision pool, plain rows
+    and ring rows hold the token rounded as torch rounds it (to nearest even), and a row leaving a
+    half-precision ring is encoded from its stored value."""
     codec = parse(spec).codec
     ring = 5 if spec.startswith("kivi") else 0  # a residual of 4 tokens, chunk 1: R + 1 rows
     encoders = []
@@ -129,11 +158,13 @@ def test_the_decode_kernel_stores_tokens_as_the_encoder_does(spec):
     readers, fields = [], []
     for i, enc in enumerate(encoders):
         f, _ = encoded_blocks(enc, 4, seed=i)
+        if "x" in f:
+            f["x"] = f["x"].to(dtype)
         fields.append(f)
-        readers.append(block_reader(enc.row_format(D), f, H, D, BS, torch.float32, CPU))
+        readers.append(block_reader(enc.row_format(D), f, H, D, BS, dtype, CPU))
     before = [{k: t.clone() for k, t in f.items()} for f in fields]
     g = torch.Generator().manual_seed(2)
-    rings = (None, torch.randn(1, 2, H, ring, D, generator=g) if ring else None)
+    rings = (None, torch.randn(1, 2, H, ring, D, generator=g).to(dtype) if ring else None)
     kern = DecodeKernel(readers[0], readers[1], rings, write_new=(True, True), flush=(False, bool(ring)))
     B = 2
     tables = torch.tensor([[1, 2], [3, 0]])
@@ -167,3 +198,35 @@ def test_the_decode_kernel_stores_tokens_as_the_encoder_does(spec):
         want[0, 0, :, (3 + 4) % ring] = value[0, :, 0]
         want[0, 1, :, 3] = value[1, :, 0]
         assert torch.equal(rings[1], want)
+
+
+@pytest.mark.parametrize("spec", ["full", "kivi:bits=4,residual=32", "int8", "h2o:ratio=0.5+kivi:bits=4,residual=32",
+                                  "streamingllm:ratio=0.5"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_half_precision_model_runs_the_fused_kernel(spec, arch):
+    """A bf16 model's pool holds bf16 rows (plain blocks, residual rings): one fused kernel call per
+    layer serves it, and its logits follow the eager path's within bf16 rounding (the kernel works in
+    fp32 where eager PyTorch rounds products and probabilities to bf16). A random tiny model's top two
+    logits are often that close, so the paths are compared step by step up to the first step whose
+    tokens differ, which must be a near-tie in the eager logits."""
+    model = tiny_model(arch).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (70, 9, 151)]
+    logits = {}
+    for path in ("fused", "eager"):
+        eng = Engine(model, method=spec, kv_memory="8MiB", block_size=32, paged_kernels=path == "fused")
+        assert (eng.store.decode_kernel is not None) == (path == "fused")
+        logits[path] = recording(eng.runner)
+        eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
+    compared = 0
+    for got, ref in zip(logits["fused"], logits["eager"]):
+        got, ref = got.float().reshape(-1, got.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=0, atol=0.05)
+        compared += 1
+        differ = got.argmax(-1) != ref.argmax(-1)
+        if differ.any():
+            top2 = ref[differ].topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1] < 0.05).all(), "tokens differ where eager's choice was clear"
+            break
+    assert compared >= 2, "the prefill and at least one decode step through the kernel"
