@@ -237,19 +237,22 @@ def _compare(method: str, workload: str, kv: int, measured: dict, predicted: dic
     return row
 
 
+def _percentiles(cfg, method: str, reqs: list[SimRequest], costs, kv) -> dict:
+    """What ``validate`` compares: the simulated run's figures, with ``costs`` for every step."""
+    return simulate(cfg, method, reqs, costs, EngineConfig(kv_memory=kv)).percentiles()
+
+
 def _at_share(cfg, method: str, reqs: list[SimRequest], cpu_models: dict[str, FittedCost], kv, share: float | None):
     if method not in cpu_models or not share:
         return None
-    return simulate(cfg, method, reqs, Scaled.at_share(cpu_models[method], share),
-                    EngineConfig(kv_memory=kv)).percentiles()
+    return _percentiles(cfg, method, reqs, Scaled.at_share(cpu_models[method], share), kv)
 
 
 def _at_speed(cfg, method: str, reqs: list[SimRequest], models: dict[str, FittedCost], kv, speed: Speed | None):
     """The profile on a machine running prompts and decode steps at ``1 / speed`` of it."""
     if speed is None:
         return None
-    return simulate(cfg, method, reqs, Scaled(models[method], speed.prefill, speed.decode),
-                    EngineConfig(kv_memory=kv)).percentiles()
+    return _percentiles(cfg, method, reqs, Scaled(models[method], speed.prefill, speed.decode), kv)
 
 
 def _speed(probe: SpeedProbe | None, method: str, before: Speed | None = None) -> Speed | None:
@@ -318,7 +321,7 @@ def validate(model, profile: str | Path, methods: list[str] | None, workloads: l
             for m in methods or list(models):
                 row = done.get((m, wl, rnd))
                 if row is None:
-                    predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
+                    predicted = _percentiles(cfg, m, reqs, models[m], kv)
                     before = _speed(probe, m)
                     c0, t0 = time.process_time(), time.perf_counter()
                     measured = run_trace(model, m, reqs, kv)
@@ -376,7 +379,7 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
             for rate in todo:
                 offsets = arrival_times(len(bench), rate, 1.0, sweep.seed)
                 reqs = [SimRequest(r.prompt_tokens, r.output_tokens, t) for r, t in zip(base, offsets)]
-                predicted = simulate(cfg, m, reqs, models[m], EngineConfig(kv_memory=kv)).percentiles()
+                predicted = _percentiles(cfg, m, reqs, models[m], kv)
                 pid = server.proc.pid if getattr(server, "proc", None) is not None else None
                 before = _speed(probe, m)
                 c0, t0 = (_process_cpu_s(pid) if pid else None), time.perf_counter()
