@@ -65,6 +65,13 @@ def run_profile(model, model_name: str, methods: list[str], out: str | Path, qui
     return run
 
 
+def profile_dtype(path: str | Path) -> str | None:
+    """The dtype of the model a profile was measured on ("float32", ...), or None if it does not say."""
+    p = Path(path) / "config.json"
+    got = json.loads(p.read_text()).get("dtype") if p.exists() else None
+    return got.removeprefix("torch.") if got else None
+
+
 def load_profile(path: str | Path, cpu: bool = False) -> tuple[PretrainedConfig, dict[str, FittedCost]]:
     """The model config and the fitted costs per method: wall-clock, or with ``cpu`` the CPU-time
     fits (empty for a profile written before CPU time was sampled)."""
@@ -303,6 +310,11 @@ def validate(model, profile: str | Path, methods: list[str] | None, workloads: l
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     cfg, models = load_profile(profile)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    measured_in = profile_dtype(profile)
+    if measured_in is not None and measured_in != dtype:
+        raise ValueError(f"the profile {profile} was measured on a {measured_in} model, this one is {dtype}: "
+                         f"validate with --dtype {measured_in}, or profile this dtype")
     cpu_models = load_profile(profile, cpu=True)[1]
     probe = SpeedProbe(model, models) if speed_probe else None
     run = open_run(out, {"kind": "predict-validate", "profile": str(profile), "methods": methods,
@@ -334,7 +346,7 @@ def validate(model, profile: str | Path, methods: list[str] | None, workloads: l
                 by_row.setdefault((m, wl), []).append(row)
         if serve is not None:
             for row in _validate_serve(cfg, models, cpu_models, methods or list(models), serve, kv_memory,
-                                       model_name, tokenizer, run, records, done, rnd, probe):
+                                       model_name, tokenizer, run, records, done, rnd, probe, dtype):
                 by_row.setdefault((row["method"], row["workload"]), []).append(row)
     rows = [combine_rounds(rs) for rs in by_row.values()]
     write_json_atomic(run / "summary.json", {"rows": rows, "rounds": rounds})
@@ -353,10 +365,11 @@ def _process_cpu_s(pid: int) -> float | None:
 def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, FittedCost], methods: list[str],
                     sweep: ServeSweep,
                     kv_memory: int | str | None, model_name: str, tokenizer, run: Path, records: Records,
-                    done: dict, rnd: int = 0, probe: SpeedProbe | None = None) -> list[dict]:
-    """One server per method (``bench serve``'s ``LaunchedServer``), the sweep's rates sent to it;
-    the simulator gets the same prompts' token counts and the same arrival offsets. Round ``rnd``'s
-    rows (those in ``done`` are not measured again)."""
+                    done: dict, rnd: int = 0, probe: SpeedProbe | None = None,
+                    dtype: str | None = None) -> list[dict]:
+    """One server per method (``bench serve``'s ``LaunchedServer``, its model in ``dtype``: the
+    profile's), the sweep's rates sent to it; the simulator gets the same prompts' token counts and
+    the same arrival offsets. Round ``rnd``'s rows (those in ``done`` are not measured again)."""
     from kvshrink.bench.datasets import random_dataset
     from kvshrink.bench.loadgen import arrival_times
     from kvshrink.bench.serve import LaunchedServer, _rate_label, _safe
@@ -371,7 +384,8 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
         rows += [done[(m, f"{sweep.label}@rate={_rate_label(r)}", rnd)] for r in sweep.rates if r not in todo]
         if not todo:
             continue
-        server = LaunchedServer(model_name, m, kv, run / "logs" / f"server-{_safe(m)}.log", sweep.startup_timeout)
+        server = LaunchedServer(model_name, m, kv, run / "logs" / f"server-{_safe(m)}.log", sweep.startup_timeout,
+                                dtype=dtype)
         if sweep.threads:  # the server's torch threads, as the profile's (``kvshrink serve`` has no flag)
             server.popen_kw = {"env": {**os.environ, "OMP_NUM_THREADS": str(sweep.threads),
                                        "MKL_NUM_THREADS": str(sweep.threads)}}

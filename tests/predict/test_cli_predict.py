@@ -80,8 +80,8 @@ class _InProcessServer:
 
     launched: list = []
 
-    def __init__(self, model_name, method, kv_memory, log_path, startup_timeout):
-        self.method, self.kv_memory, self.popen_kw = method, kv_memory, {}
+    def __init__(self, model_name, method, kv_memory, log_path, startup_timeout, dtype=None):
+        self.method, self.kv_memory, self.popen_kw, self.dtype = method, kv_memory, {}, dtype
         _InProcessServer.launched.append(self)
 
     def __enter__(self):
@@ -118,6 +118,7 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
         ("full", "decode-heavy=2x20x4"), ("full", "serve:3x12x4@rate=50"), ("full", "serve:3x12x4@rate=inf")]
     assert [s.method for s in _InProcessServer.launched] == ["full"]  # one server per method, every rate
     assert _InProcessServer.launched[0].popen_kw["env"]["OMP_NUM_THREADS"] == "1"
+    assert _InProcessServer.launched[0].dtype == "float32"  # the server loads the model in the profile's dtype
     for r in rows:
         for k in ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50"):
             assert r[f"{k}_measured"] > 0 and r[f"{k}_predicted"] > 0
@@ -159,6 +160,18 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
     again = validate(model, prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val", serve=sweep,
                      model_name="tiny", tokenizer=tiny_tokenizer())
     assert again == rows and _InProcessServer.launched == []
+
+
+def test_validate_refuses_a_model_of_another_dtype_than_the_profile(tmp_path):
+    import torch
+
+    from kvshrink.predict.throughput import profile_dtype, validate
+
+    model, prof = _tiny_profile(tmp_path)
+    assert profile_dtype(prof) == "float32"
+    with pytest.raises(ValueError, match="measured on a float32 model, this one is bfloat16"):
+        validate(model.to(torch.bfloat16), prof, None, ["decode-heavy=2x20x4"], "8MiB", tmp_path / "val")
+    assert not (tmp_path / "val").exists(), "refused before measuring anything"
 
 
 def test_validate_rounds_interleave_and_report_medians_with_the_measured_range(tmp_path, monkeypatch):
