@@ -103,13 +103,25 @@ class SimResult:
         return out
 
 
+def config_dtype(model_config) -> torch.dtype:
+    """The dtype a config's model runs in (a profile's config holds the dtype it was measured in),
+    float32 where it names none."""
+    got = getattr(model_config, "dtype", None)
+    if isinstance(got, str):
+        got = getattr(torch, got.removeprefix("torch."), None)
+    return got if isinstance(got, torch.dtype) else torch.float32
+
+
 def simulate(model_config, method: str | CompressionMethod, requests: Sequence[SimRequest], costs: StepCosts,
-             config: EngineConfig | None = None, dtype: torch.dtype = torch.float32) -> SimResult:
+             config: EngineConfig | None = None, dtype: torch.dtype | None = None) -> SimResult:
     """Run ``requests`` through the engine's scheduler and pool against ``costs``; every request
-    generates exactly its ``output_tokens`` (a length model, or EOS, decides them beforehand)."""
+    generates exactly its ``output_tokens`` (a length model, or EOS, decides them beforehand).
+    ``dtype``: the pool's (the model's) dtype, by default the config's: a bf16 token costs half the
+    bytes of an fp32 one, so the same pool holds twice the uncompressed sequences."""
     m = parse(method)
     cfg = (config or EngineConfig()).resolved(m.codec)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    dtype = dtype or config_dtype(model_config)
     store = KVStore(text, m, cfg.kv_memory, cfg.block_size, cfg.max_batch, dtype, torch.device("meta"))
     sch = Scheduler(store, min(cfg.max_batch, store.max_slots), cfg.max_prefill_tokens, chunked=cfg.chunked_prefill)
     max_context = int(getattr(text, "max_position_embeddings", 0) or 1 << 30)

@@ -26,7 +26,7 @@ from kvshrink.engine.pool import parse_bytes
 from kvshrink.engine.timers import reset_timers, timers
 from kvshrink.predict.costmodel import FittedCost, fit_points, fit_report
 from kvshrink.predict.profile import DEFAULT_GRID, QUICK_GRID, ProfileGrid, batch_reads, measure, timed_step
-from kvshrink.predict.simulate import SimRequest, SimResult, simulate
+from kvshrink.predict.simulate import SimRequest, SimResult, config_dtype, simulate
 from kvshrink.results import Records, open_run, write_json_atomic
 
 
@@ -80,6 +80,7 @@ def load_profile(path: str | Path, cpu: bool = False) -> tuple[PretrainedConfig,
         raise ValueError(f"{path}: not a profile directory (no summary.json); run `kvshrink profile` first")
     d = json.loads(p.read_text())
     cfg = PretrainedConfig.from_dict(d["model_config"])
+    cfg.dtype = profile_dtype(path) or {2: "bfloat16"}.get(d.get("dtype_bytes"), "float32")  # what was measured
     fits = d.get("methods_cpu", {}) if cpu else d["methods"]
     return cfg, {m: FittedCost.from_dict(c) for m, c in fits.items()}
 
@@ -469,11 +470,12 @@ def _with_rate(wl: str, vocab: int) -> list[SimRequest]:
     return reqs
 
 
-def _four_sequences(cfg, reqs: list[SimRequest], dtype_bytes: int = 4) -> int:
-    """The bench's default pool: four uncompressed sequences at the workload's mean final length."""
+def _four_sequences(cfg, reqs: list[SimRequest]) -> int:
+    """The bench's default pool: four uncompressed sequences (in the model's dtype) at the workload's
+    mean final length."""
     from kvshrink.bench.throughput import fp_config_token_bytes
 
-    per_token = fp_config_token_bytes(cfg, dtype_bytes)
+    per_token = fp_config_token_bytes(cfg, config_dtype(cfg).itemsize)
     mean = sum(r.prompt_tokens + r.output_tokens for r in reqs) / len(reqs)
     return int(4 * mean * per_token)
 

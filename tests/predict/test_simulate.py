@@ -182,3 +182,36 @@ def test_a_packed_decode_never_costs_less_than_decoding_alone():
                    EngineConfig(kv_memory="8MiB", block_size=8))
     assert res.token_steps["1"] == [2] and res.e2e_s[1] == pytest.approx(0.6 - 0.05)
 
+
+
+@pytest.mark.parametrize("spec", ["full", "kivi:bits=4,residual=32"])
+def test_a_bf16_model_pool_is_accounted_in_bf16(spec):
+    """A bf16 model's tokens take half an fp32 one's bytes: the simulator sizes its pool in the
+    config's dtype (a profile's config holds the dtype it was measured in), and takes the steps
+    the bf16 engine takes in the same bytes; charged fp32 bytes, it would admit fewer."""
+    from kvshrink.predict.simulate import config_dtype
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    assert config_dtype(model.config) == torch.float32  # .to() leaves the config as it was
+    model.config.dtype = torch.bfloat16  # as load_model and a profile's config say it
+    lengths, out, kv = (60, 50, 70, 40, 65, 30), 40, 512 * 220
+    real, preempted = _engine_steps(model, spec, lengths, out, kv)
+    reqs = [SimRequest(n, out) for n in lengths]
+    sim = simulate(model.config, spec, reqs, Flat(), EngineConfig(kv_memory=kv, block_size=8))
+    assert sim.token_steps == real and sim.preemptions == preempted
+    as_fp32 = simulate(model.config, spec, reqs, Flat(), EngineConfig(kv_memory=kv, block_size=8), dtype=torch.float32)
+    assert as_fp32.peak_concurrency < sim.peak_concurrency
+
+
+def test_a_profile_says_the_dtype_it_was_measured_in(tmp_path):
+    import json
+
+    from kvshrink.predict.simulate import config_dtype
+    from kvshrink.predict.throughput import load_profile
+
+    cfg = tiny_model("llama").config.to_dict()
+    (tmp_path / "summary.json").write_text(json.dumps({"model_config": {**cfg, "dtype": "float32"}, "methods": {}}))
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "profile", "dtype": "torch.bfloat16"}))
+    assert config_dtype(load_profile(tmp_path)[0]) == torch.bfloat16  # what was measured, over a stale config
+    (tmp_path / "config.json").unlink()
+    assert config_dtype(load_profile(tmp_path)[0]) == torch.float32
