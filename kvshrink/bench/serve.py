@@ -81,6 +81,20 @@ def measure(base_url, model, requests, rate, *, burstiness=1.0, seed=0, max_conc
     return m, results
 
 
+def engine_steps(base_url: str, timeout_s: float = 10.0) -> tuple[int, float] | None:
+    """(steps, seconds) the server's engine has stepped so far, from its ``/metrics`` step histogram;
+    None where the server has no such metric (not a kvshrink server, or an older one)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=timeout_s).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "kvshrink_engine_step_seconds":
+            got = {s.name: s.value for s in family.samples}
+            return int(got["kvshrink_engine_step_seconds_count"]), float(got["kvshrink_engine_step_seconds_sum"])
+    return None
+
+
 def _load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

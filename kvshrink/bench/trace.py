@@ -57,7 +57,7 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
     eng = Engine(model, method=method, kv_memory=kv_memory)
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     times: dict[str, list[float]] = {}
-    peak = 0
+    peak, steps, step_s = 0, 0, 0.0
     t0 = time.perf_counter()
     added = 0
     while added < len(order) or eng.has_unfinished():
@@ -72,7 +72,10 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
         if not eng.has_unfinished():
             time.sleep(max(0.0, requests[order[added]].arrival_s - now))
             continue
-        for o in eng.step():
+        started = time.perf_counter()
+        outs = eng.step()
+        steps, step_s = steps + 1, step_s + time.perf_counter() - started
+        for o in outs:
             times[o.request_id] += [time.perf_counter() - t0] * len(o.new_token_ids)
         peak = max(peak, eng.stats().running)
     end = max(ts[-1] for ts in times.values() if ts)
@@ -81,7 +84,8 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
     tpot = [(ts[-1] - ts[0]) / (len(ts) - 1) for ts in times.values() if len(ts) > 1]
     e2e = [ts[-1] - requests[int(i)].arrival_s for i, ts in times.items() if ts]
     out = {"method": method, "output_tokens_per_s": sum(len(ts) for ts in times.values()) / makespan,
-           "makespan_s": makespan, "peak_concurrency": peak, "preemptions": eng.stats().preemptions}
+           "makespan_s": makespan, "peak_concurrency": peak, "preemptions": eng.stats().preemptions,
+           "steps": steps, "step_ms_mean": step_s / steps * 1000}
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         for p in (50, 90, 99):
             v = percentile(xs, p)

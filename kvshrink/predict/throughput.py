@@ -128,7 +128,9 @@ def predict(profile: str | Path, method: str, requests: list[SimRequest], kv_mem
 
 # --------------------------------------------------------------------------------------- validate
 VALIDATE_WORKLOADS = ("decode-heavy=8x384x96", "long-prompt=3x1536x48", "decode-heavy=12x256x64@rate=0.5")
-COMPARED = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "preemptions")
+# steps and step_ms_mean: the engine's steps, timed around ``step()`` (a server's in its worker thread)
+COMPARED = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "preemptions", "steps",
+            "step_ms_mean")
 VARIANTS = ("", "_at_share", "_at_speed")  # the profile as measured; CPU time at the run's share; at the probe's speed
 
 
@@ -370,10 +372,11 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
                     dtype: str | None = None) -> list[dict]:
     """One server per method (``bench serve``'s ``LaunchedServer``, its model in ``dtype``: the
     profile's), the sweep's rates sent to it; the simulator gets the same prompts' token counts and
-    the same arrival offsets. Round ``rnd``'s rows (those in ``done`` are not measured again)."""
+    the arrivals the client measured (``arrivals_s``; the nominal offsets' prediction is kept as
+    ``*_predicted_nominal``). Round ``rnd``'s rows (those in ``done`` are not measured again)."""
     from kvshrink.bench.datasets import random_dataset
     from kvshrink.bench.loadgen import arrival_times
-    from kvshrink.bench.serve import LaunchedServer, _rate_label, _safe
+    from kvshrink.bench.serve import LaunchedServer, _rate_label, _safe, engine_steps
     from kvshrink.bench.serve import measure as serve_measure
 
     bench = random_dataset(tokenizer, sweep.requests, sweep.prompt, sweep.output, sweep.seed, ignore_eos=True)
@@ -393,27 +396,45 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
         with server:
             for rate in todo:
                 offsets = arrival_times(len(bench), rate, 1.0, sweep.seed)
-                reqs = [SimRequest(r.prompt_tokens, r.output_tokens, t) for r, t in zip(base, offsets)]
-                predicted = _percentiles(cfg, m, reqs, models[m], kv)
+                nominal = [SimRequest(r.prompt_tokens, r.output_tokens, t) for r, t in zip(base, offsets)]
                 pid = server.proc.pid if getattr(server, "proc", None) is not None else None
                 before = _speed(probe, m)
+                steps0 = engine_steps(server.url)
                 c0, t0 = (_process_cpu_s(pid) if pid else None), time.perf_counter()
                 got, results = serve_measure(server.url, model_name, bench, rate, seed=sweep.seed)
                 c1 = _process_cpu_s(pid) if pid else None
+                steps1 = engine_steps(server.url)
                 share = (c1 - c0) / (time.perf_counter() - t0) if c0 is not None and c1 is not None else None
                 speed = _speed(probe, m, before)
                 if got["failed"]:
                     errors = sorted({r.error for r in results if r.error})
                     raise RuntimeError(f"server sweep, {m} at {_rate_label(rate)} req/s: {got['failed']} requests "
                                        f"failed ({'; '.join(errors)[:300]})")
+                # the simulator gets the arrivals the client measured, not the nominal offsets: requests
+                # sent "at once" leave a client milliseconds apart, and a server steps as soon as the
+                # first one is in, so the rest wait for its prompt (on 2026-12-04, 8 sent at once: the
+                # first at 0.2 ms, the others at 10-13 ms, and the server's first step held one prompt)
+                first = min(r.send_time for r in results)
+                reqs = [SimRequest(b.prompt_tokens, b.output_tokens, r.send_time - first)
+                        for b, r in zip(base, results)]
+                predicted = _percentiles(cfg, m, reqs, models[m], kv)
                 measured = {"output_tokens_per_s": got["output_throughput"], "ttft_ms_p50": got["median_ttft_ms"],
                             "tpot_ms_p50": got["median_tpot_ms"], "e2e_ms_p50": got["median_e2el_ms"]}
+                # the server's engine steps, timed in its worker thread: a TPOT miss whose steps agree
+                # with the simulated ones is the time a token takes from the step to the client
+                if steps0 is not None and steps1 is not None and steps1[0] > steps0[0]:
+                    measured["steps"] = steps1[0] - steps0[0]
+                    measured["step_ms_mean"] = (steps1[1] - steps0[1]) / measured["steps"] * 1000
                 row = _compare(m, f"{sweep.label}@rate={_rate_label(rate)}", kv, measured, predicted,
                                _at_share(cfg, m, reqs, cpu_models, kv, share), share,
                                _at_speed(cfg, m, reqs, models, kv, speed), speed)
                 # the server's own count of the prompts: the simulator's input, from the client's tokenizer
                 row["prompt_tokens_server"] = got["total_input_tokens"]
                 row["prompt_tokens_simulated"] = sum(r.prompt_tokens for r in base)
+                row["arrivals_s"] = [r.arrival_s for r in reqs]
+                for k, v in _percentiles(cfg, m, nominal, models[m], kv).items():  # at the nominal offsets
+                    if k in COMPARED:
+                        row[f"{k}_predicted_nominal"] = v
                 row["round"] = rnd
                 records.append(row)
                 rows.append(row)
@@ -421,8 +442,11 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
 
 
 def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_per_s", "ttft_ms_p50",
-                                                                 "tpot_ms_p50")) -> str:
-    """Measured / predicted (error) per row, as Markdown, with the worst absolute error per quantity."""
+                                                                 "tpot_ms_p50"),
+                     also: tuple[str, ...] = ("step_ms_mean",)) -> str:
+    """Measured / predicted (error) per row, as Markdown, with the worst absolute error per quantity
+    (of ``keys``, the columns, and of ``also``: a step's mean time, which tells a TPOT miss of the
+    step's cost from one of the time a token takes to reach the client)."""
     def cell(r: dict, k: str) -> str:
         m, p = r.get(k + "_measured"), r.get(k + "_predicted")
         if m is None or p is None:
@@ -445,7 +469,7 @@ def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_p
               + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
     for suffix, what in (("_error", "wall-clock profile"), ("_error_at_share", "CPU-time profile at the run's share"),
                          ("_error_at_speed", "wall-clock profile at the probe's speed")):
-        for k in keys:
+        for k in keys + also:
             errs = [abs(r[k + suffix]) for r in rows if r.get(k + suffix) is not None]
             if errs:
                 lines.append(f"{k} ({what}): within 5% in {sum(e <= 0.05 for e in errs)} of {len(errs)}, "

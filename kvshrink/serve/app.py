@@ -209,6 +209,7 @@ def create_app(
         pool_prompt_limit = context_len
     worker = EngineWorker(engine, max_waiting=max_waiting)
     metrics = ServerMetrics(lambda: worker.stats, model_name=model_name, method=method)
+    worker.on_step = metrics.step.observe
     created = int(time.time())
 
     @contextlib.asynccontextmanager

@@ -4,6 +4,7 @@ Engine state (running/waiting requests, KV pool bytes and blocks, compression fa
 preemption counters) is read at scrape time from the worker's latest ``EngineStats`` snapshot, so a
 scrape never takes the engine's lock. Latency histograms (TTFT, TPOT, E2E) are observed by the HTTP
 handlers with the server's clock; TPOT = (E2E − TTFT) / (output tokens − 1), as in bench/metrics.py.
+The engine step histogram is observed by the worker thread around each ``engine.step()``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class ServerMetrics:
                                 ["finish_reason"], registry=r)
         self.rejected = Counter(f"{PREFIX}_requests_rejected", "Requests refused by status code",
                                 ["status"], registry=r)
+        # a step's wall time in the worker thread: what a simulator's step cost predicts, apart from the
+        # time a token then takes to reach the client (the event loop, the network)
+        self.step = Histogram(f"{PREFIX}_engine_step_seconds", "Wall time of one engine step (worker thread)",
+                              buckets=_TPOT_BUCKETS, registry=r)
         self.step_errors = Counter(f"{PREFIX}_engine_step_errors", "Engine steps that raised", registry=r)
 
     def observe(self, ttft: float | None, e2e: float, output_tokens: int, finish_reason: str | None) -> None:

@@ -82,6 +82,7 @@ class EngineWorker:
         self.step_errors = 0
         self.steps = 0
         self.on_stats = None  # optional callback(stats) from the worker thread
+        self.on_step = None  # optional callback(seconds) after each engine step, from the worker thread
         self._refresh_stats()
 
     # ------------------------------------------------------------------ async side (event loop thread)
@@ -226,8 +227,11 @@ class EngineWorker:
                 self._wake.clear()
                 continue
             try:
+                t0 = time.perf_counter()
                 outs = self.engine.step()
                 self.steps += 1
+                if self.on_step is not None:
+                    self.on_step(time.perf_counter() - t0)
             except Exception as e:
                 self.step_errors += 1
                 log.exception("engine.step() failed; failing the requests in flight")

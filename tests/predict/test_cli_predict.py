@@ -125,10 +125,21 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
             assert r[f"{k}_error"] == (r[f"{k}_predicted"] - r[f"{k}_measured"]) / r[f"{k}_measured"]
     serve_rows = rows[1:]
     assert all(r["prompt_tokens_server"] == r["prompt_tokens_simulated"] == 36 for r in serve_rows)
-    # the prediction of the all-at-once rate is the simulator on the same prompts, all arriving at 0
+    # the engine's steps, timed around step(): the engine row takes the simulator's steps exactly (the
+    # same scheduler, all requests there at once); the server's are read off its /metrics
+    assert rows[0]["steps_measured"] == rows[0]["steps_predicted"] > 0
+    for r in rows:
+        assert r["steps_measured"] >= 4 and r["step_ms_mean_measured"] > 0 and r["step_ms_mean_predicted"] > 0
+    # the prediction of the all-at-once rate is the simulator on the same prompts at the times the
+    # client sent them (from the first: milliseconds apart); at the nominal offsets (all at 0) it is kept too
     cfg, models = load_profile(prof)
-    direct = simulate(cfg, "full", [SimRequest(12, 4)] * 3, models["full"], EngineConfig(kv_memory="8MiB"))
+    sent = serve_rows[1]["arrivals_s"]
+    assert len(sent) == 3 and min(sent) == 0.0 and max(sent) < 1.0
+    at_sent = [SimRequest(12, 4, t) for t in sent]
+    direct = simulate(cfg, "full", at_sent, models["full"], EngineConfig(kv_memory="8MiB"))
     assert serve_rows[1]["output_tokens_per_s_predicted"] == direct.output_tokens_per_s
+    nominal = simulate(cfg, "full", [SimRequest(12, 4)] * 3, models["full"], EngineConfig(kv_memory="8MiB"))
+    assert serve_rows[1]["ttft_ms_p50_predicted_nominal"] == nominal.percentiles()["ttft_ms_p50"]
     # the engine run in this process has a CPU share, and a prediction from CPU time at that share;
     # the in-process server has no process of its own to read, so none
     engine_row = rows[0]
@@ -140,6 +151,7 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
     assert "| full | serve:3x12x4@rate=inf | - |" in table
     assert "output_tokens_per_s (wall-clock profile): within 5% in" in table
     assert "output_tokens_per_s (CPU-time profile at the run's share): within 5% in" in table
+    assert "step_ms_mean (wall-clock profile): within 5% in" in table
     # a decode-step probe before and after every measurement (the server's too: it runs here, while
     # the server waits): the prediction at the probe's speed is the simulator with every prompt's
     # cost times the prefill factor and every decode step's times the decode factor
@@ -147,13 +159,14 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
 
     assert all(r["speed_factor"] > 0 and r["prefill_speed_factor"] > 0 for r in rows)
     decode, prefill = serve_rows[1]["speed_factor"], serve_rows[1]["prefill_speed_factor"]
-    slowed = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Scaled(models["full"], prefill, decode),
-                      EngineConfig(kv_memory="8MiB"))
+    slowed = simulate(cfg, "full", at_sent, Scaled(models["full"], prefill, decode), EngineConfig(kv_memory="8MiB"))
     assert serve_rows[1]["output_tokens_per_s_predicted_at_speed"] == slowed.output_tokens_per_s
-    assert slowed.ttft_s == pytest.approx([t * prefill for t in direct.ttft_s])  # 3 prompts in one step
+    together = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Scaled(models["full"], prefill, decode),
+                        EngineConfig(kv_memory="8MiB"))
+    assert together.ttft_s == pytest.approx([t * prefill for t in nominal.ttft_s])  # 3 prompts in one step
     uniform = simulate(cfg, "full", [SimRequest(12, 4)] * 3, Scaled(models["full"], decode, decode),
                        EngineConfig(kv_memory="8MiB"))
-    assert uniform.output_tokens_per_s == pytest.approx(direct.output_tokens_per_s / decode)
+    assert uniform.output_tokens_per_s == pytest.approx(nominal.output_tokens_per_s / decode)
     assert "output_tokens_per_s (wall-clock profile at the probe's speed): within 5% in" in table
     # a rerun resumes: nothing measured again, no server started
     _InProcessServer.launched = []

@@ -48,6 +48,21 @@ def test_arrivals_wait_for_their_time():
     res = simulate(model.config, "full", [SimRequest(10, 2, 0.0), SimRequest(10, 2, 10.0)], Flat(),
                    EngineConfig(kv_memory="8MiB", block_size=8))
     assert res.ttft_s == [1.0, 1.0] and res.e2e_s == [1.5, 1.5] and res.makespan_s == 11.5
+    # busy 3 s of 11.5: two steps a request (1 s prompt, 0.5 s decode), none while nothing is in
+    assert res.busy_s == 3.0 and res.steps == 4
+    assert res.percentiles()["steps"] == 4 and res.percentiles()["step_ms_mean"] == 750.0
+
+
+def test_a_request_a_millisecond_late_waits_for_the_first_prompt():
+    """What a server does with requests sent "at once" that arrive a few ms apart: the first step
+    takes the first prompt alone, the next one packs the second with the first's decode."""
+    model = tiny_model("llama")
+    cfg = EngineConfig(kv_memory="8MiB", block_size=8)
+    together = simulate(model.config, "full", [SimRequest(10, 3, 0.0), SimRequest(10, 3, 0.0)], Flat(), cfg)
+    apart = simulate(model.config, "full", [SimRequest(10, 3, 0.0), SimRequest(10, 3, 0.001)], Flat(), cfg)
+    assert together.ttft_s == [2.0, 2.0] and together.steps == 3
+    assert apart.ttft_s == pytest.approx([1.0, 2.499]) and apart.e2e_s == pytest.approx([3.0, 3.499])
+    assert apart.steps == 4 and apart.token_steps == {"0": [1, 2, 3], "1": [2, 3, 4]}
 
 
 def test_a_prefill_delays_the_decode_tokens_of_its_step():

@@ -277,3 +277,17 @@ def test_prompt_larger_than_kv_pool_is_400(make_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     r = post(s, "/v1/completions", {"prompt": "y" * (limit // 2), "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_metrics_count_every_engine_step_and_its_wall_time(make_server):
+    from kvshrink.bench.serve import engine_steps
+
+    s = make_server(fake=True, engine_kw={"max_batch": 1, "step_s": 0.02})
+    assert engine_steps(s.url) == (0, 0.0)
+    body = {"prompt": "hi", "max_tokens": 5, "ignore_eos": True}
+    t0 = time.perf_counter()
+    assert post(s, "/v1/completions", body).json()["usage"]["completion_tokens"] == 5
+    elapsed = time.perf_counter() - t0
+    steps, seconds = engine_steps(s.url)
+    assert steps == s.app.state.worker.steps >= 5  # a token a step, at least
+    assert 0.02 * steps <= seconds <= elapsed  # every step sleeps step_s; all ran within the request
