@@ -58,6 +58,7 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     times: dict[str, list[float]] = {}
     peak, steps, step_s = 0, 0, 0.0
+    decode_steps, decode_s, prompt_tokens = 0, 0.0, 0  # steps that prefilled no prompt token
     t0 = time.perf_counter()
     added = 0
     while added < len(order) or eng.has_unfinished():
@@ -74,10 +75,15 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
             continue
         started = time.perf_counter()
         outs = eng.step()
-        steps, step_s = steps + 1, step_s + time.perf_counter() - started
+        took = time.perf_counter() - started
+        steps, step_s = steps + 1, step_s + took
         for o in outs:
             times[o.request_id] += [time.perf_counter() - t0] * len(o.new_token_ids)
-        peak = max(peak, eng.stats().running)
+        st = eng.stats()
+        peak = max(peak, st.running)
+        if st.prompt_tokens == prompt_tokens:
+            decode_steps, decode_s = decode_steps + 1, decode_s + took
+        prompt_tokens = st.prompt_tokens
     end = max(ts[-1] for ts in times.values() if ts)
     makespan = end - min(r.arrival_s for r in requests)
     ttft = [ts[0] - requests[int(i)].arrival_s for i, ts in times.items() if ts]
@@ -85,7 +91,9 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
     e2e = [ts[-1] - requests[int(i)].arrival_s for i, ts in times.items() if ts]
     out = {"method": method, "output_tokens_per_s": sum(len(ts) for ts in times.values()) / makespan,
            "makespan_s": makespan, "peak_concurrency": peak, "preemptions": eng.stats().preemptions,
-           "steps": steps, "step_ms_mean": step_s / steps * 1000}
+           "steps": steps, "step_ms_mean": step_s / steps * 1000, "decode_steps": decode_steps,
+           "decode_step_ms_mean": decode_s / decode_steps * 1000 if decode_steps else None,
+           "prompt_step_ms_mean": (step_s - decode_s) / (steps - decode_steps) * 1000 if steps > decode_steps else None}
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         for p in (50, 90, 99):
             v = percentile(xs, p)

@@ -92,13 +92,18 @@ class SimResult:
     steps: int
     finish_reasons: dict[str, int] = field(default_factory=dict)
     busy_s: float = 0.0  # the steps' seconds in all (the makespan less the idle time between arrivals)
+    decode_steps: int = 0  # steps that prefilled no prompt token, and their seconds
+    decode_busy_s: float = 0.0
     token_steps: dict[str, list[int]] = field(default_factory=dict)  # request id ("0", "1", ...) -> steps
 
     def percentiles(self) -> dict[str, float]:
         out: dict[str, float] = {"output_tokens_per_s": self.output_tokens_per_s, "makespan_s": self.makespan_s,
                                  "peak_concurrency": self.peak_concurrency, "preemptions": self.preemptions,
-                                 "steps": self.steps,
-                                 "step_ms_mean": self.busy_s / self.steps * 1000 if self.steps else None}
+                                 "steps": self.steps, "decode_steps": self.decode_steps}
+        for key, seconds, n in (("step_ms_mean", self.busy_s, self.steps),
+                                ("decode_step_ms_mean", self.decode_busy_s, self.decode_steps),
+                                ("prompt_step_ms_mean", self.busy_s - self.decode_busy_s, self.steps - self.decode_steps)):
+            out[key] = seconds / n * 1000 if n else None
         for name, xs in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("itl", self.itl_s), ("e2e", self.e2e_s)):
             for p in (50, 90, 99):
                 v = percentile(xs, p)
@@ -135,6 +140,7 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
     reasons: dict[str, int] = {}
     token_steps: dict[str, list[int]] = {}  # request id -> the step (1-based) of each output token
     clock, steps, peak, busy = 0.0, 0, 0, 0.0
+    decode_steps, decode_busy = 0, 0.0
     decode_cost = _decode_cost(costs)
     packed = getattr(costs, "packed_decode_s", None)
     done = 0
@@ -200,6 +206,8 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
                 emit(req, steps, produced)
         step_s = evict_s + max(decode_alone, chunks_s + decode_packed)  # packed: never below decoding alone
         clock, busy = clock + step_s, busy + step_s
+        if not plan.chunks:
+            decode_steps, decode_busy = decode_steps + 1, decode_busy + step_s
         peak = max(peak, len(sch.running))
         for req in produced:  # all returned by the step at its end
             times[id(req)].append(clock)
@@ -223,4 +231,4 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
     start = min(r.arrival_s for r in requests)
     makespan = clock - start
     return SimResult(total_out / makespan if makespan > 0 else 0.0, makespan, ttft, tpot, itl, e2e, peak,
-                     sch.preemptions, steps, reasons, busy, token_steps)
+                     sch.preemptions, steps, reasons, busy, decode_steps, decode_busy, token_steps)

@@ -128,9 +128,10 @@ def predict(profile: str | Path, method: str, requests: list[SimRequest], kv_mem
 
 # --------------------------------------------------------------------------------------- validate
 VALIDATE_WORKLOADS = ("decode-heavy=8x384x96", "long-prompt=3x1536x48", "decode-heavy=12x256x64@rate=0.5")
-# steps and step_ms_mean: the engine's steps, timed around ``step()`` (a server's in its worker thread)
+# steps and step_ms_mean: the engine's steps, timed around ``step()`` (a server's in its worker thread);
+# decode_ / prompt_step_ms_mean: of the steps that prefilled no prompt token / some (engine rows only)
 COMPARED = ("output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "e2e_ms_p50", "preemptions", "steps",
-            "step_ms_mean")
+            "step_ms_mean", "decode_steps", "decode_step_ms_mean", "prompt_step_ms_mean")
 VARIANTS = ("", "_at_share", "_at_speed")  # the profile as measured; CPU time at the run's share; at the probe's speed
 
 
@@ -443,7 +444,7 @@ def _validate_serve(cfg, models: dict[str, FittedCost], cpu_models: dict[str, Fi
 
 def validation_table(rows: list[dict], keys: tuple[str, ...] = ("output_tokens_per_s", "ttft_ms_p50",
                                                                  "tpot_ms_p50"),
-                     also: tuple[str, ...] = ("step_ms_mean",)) -> str:
+                     also: tuple[str, ...] = ("step_ms_mean", "decode_step_ms_mean", "prompt_step_ms_mean")) -> str:
     """Measured / predicted (error) per row, as Markdown, with the worst absolute error per quantity
     (of ``keys``, the columns, and of ``also``: a step's mean time, which tells a TPOT miss of the
     step's cost from one of the time a token takes to reach the client)."""

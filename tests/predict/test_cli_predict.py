@@ -128,6 +128,8 @@ def test_validate_runs_the_engine_and_a_server_sweep(tmp_path, monkeypatch):
     # the engine's steps, timed around step(): the engine row takes the simulator's steps exactly (the
     # same scheduler, all requests there at once); the server's are read off its /metrics
     assert rows[0]["steps_measured"] == rows[0]["steps_predicted"] > 0
+    assert rows[0]["decode_steps_measured"] == rows[0]["decode_steps_predicted"] > 0  # and the same kinds
+    assert rows[0]["decode_step_ms_mean_measured"] > 0 and rows[0]["prompt_step_ms_mean_measured"] > 0
     for r in rows:
         assert r["steps_measured"] >= 4 and r["step_ms_mean_measured"] > 0 and r["step_ms_mean_predicted"] > 0
     # the prediction of the all-at-once rate is the simulator on the same prompts at the times the

@@ -50,7 +50,9 @@ def test_arrivals_wait_for_their_time():
     assert res.ttft_s == [1.0, 1.0] and res.e2e_s == [1.5, 1.5] and res.makespan_s == 11.5
     # busy 3 s of 11.5: two steps a request (1 s prompt, 0.5 s decode), none while nothing is in
     assert res.busy_s == 3.0 and res.steps == 4
-    assert res.percentiles()["steps"] == 4 and res.percentiles()["step_ms_mean"] == 750.0
+    got = res.percentiles()
+    assert got["steps"] == 4 and got["step_ms_mean"] == 750.0
+    assert got["decode_steps"] == 2 and got["decode_step_ms_mean"] == 500.0 and got["prompt_step_ms_mean"] == 1000.0
 
 
 def test_a_request_a_millisecond_late_waits_for_the_first_prompt():
