@@ -87,7 +87,7 @@ def engine_steps(base_url: str, timeout_s: float = 10.0) -> tuple[int, float] | 
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{base_url}/metrics", timeout=timeout_s).text
+    text = httpx.get(f"{base_url}/metrics", timeout=timeout_s, trust_env=False).text
     for family in text_string_to_metric_families(text):
         if family.name == "kvshrink_engine_step_seconds":
             got = {s.name: s.value for s in family.samples}

@@ -226,18 +226,21 @@ class EngineWorker:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue
+            t0 = time.perf_counter()
             try:
-                t0 = time.perf_counter()
                 outs = self.engine.step()
                 self.steps += 1
-                if self.on_step is not None:
-                    self.on_step(time.perf_counter() - t0)
             except Exception as e:
                 self.step_errors += 1
                 log.exception("engine.step() failed; failing the requests in flight")
                 self._fail_all(f"internal error in the engine step: {type(e).__name__}: {e}")
                 time.sleep(0.01)
                 continue
+            if self.on_step is not None:  # outside the step's try: a metrics fault fails no request
+                try:
+                    self.on_step(time.perf_counter() - t0)
+                except Exception:
+                    log.exception("step callback failed")
             for out in outs or ():
                 with self._lock:
                     stream = self._streams.get(out.request_id)

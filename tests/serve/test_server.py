@@ -291,3 +291,15 @@ def test_metrics_count_every_engine_step_and_its_wall_time(make_server):
     steps, seconds = engine_steps(s.url)
     assert steps == s.app.state.worker.steps >= 5  # a token a step, at least
     assert 0.02 * steps <= seconds <= elapsed  # every step sleeps step_s; all ran within the request
+
+
+def test_a_failing_step_callback_fails_no_request(make_server):
+    s = make_server(fake=True, engine_kw={"max_batch": 1})
+
+    def boom(seconds):
+        raise RuntimeError("metrics backend down")
+
+    s.app.state.worker.on_step = boom
+    r = post(s, "/v1/completions", {"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert s.app.state.worker.step_errors == 0
