@@ -8,6 +8,7 @@ results format: ``config.json``, ``records.jsonl`` with one raw point a line, ``
     {"kind": "evict",   "method": SPEC, "cuts": n, "seconds": t}
     {"kind": "mixed",   "method": SPEC, "batch": B, "kv_tokens": K, "kv_read": R, "tokens": T, "seconds": t,
                         "prefill_seconds": t_T, "decode_seconds": t_B}   (the prompt alone, the batch alone)
+    {"kind": "chunk",   "method": SPEC, "start": S, "tokens": N, "seconds": t}   (tokens [S, S+N) of a prompt)
 
 (K: stored tokens of the batch per layer; R: the columns decode attention scores per layer, every
 sequence padded to the batch's widest, ``simulate.decode_read``.) Each operator's time is linear in
@@ -17,6 +18,14 @@ its features with non-negative coefficients (no term can make more work cheaper)
     decode_s(B, R) = w(B) + c R                (w: piecewise linear through per-batch-size weights)
     evict_s(n)     = c1 n                      (no intercept)
     mixed_s(B, R, T) = prefill_s(T) + k decode_s(B, R)
+    chunk_s(S, N)  = c0' + prefill_s(S+N) - prefill_s(S) + d N S
+
+A *chunk* is the part [S, S+N) of a prompt split by ``max_prefill_tokens``, whose first S tokens are
+already in the pool. ``prefill_s(S+N) - prefill_s(S)`` is its linear work and its attention over
+itself and the prefix as a whole prompt would do them; measured, such a chunk costs more (on
+2026-12-04, bf16, 624 tokens after 722: 10-14% more, every method), since its attention reads the
+prefix from the pool's blocks. ``d`` (per token x prefix token) and the step's own fixed cost
+``c0'`` are fitted to chunk points (``fit_chunk``); a profile without them charges the difference.
 
 A *mixed* step is a decode batch and a prompt in one forward (chunked prefill packs them): the
 weights are read once for all its rows, so the decode costs less than alone. How much less is
@@ -60,8 +69,10 @@ OPERATORS: dict[str, tuple[str, ...]] = {
     "decode": ("kv_read",),  # plus the batch knots
     "evict": ("cuts",),
     "mixed": ("prefill_s", "decode_s"),  # derived from the method's prefill and decode fits (fit_mixed)
+    "chunk": ("difference", "cross"),  # derived from the method's prefill fit (fit_chunk)
 }
-INTERCEPT = {"prefill": True, "decode": True, "evict": False, "mixed": False}
+INTERCEPT = {"prefill": True, "decode": True, "evict": False, "mixed": False, "chunk": True}
+DERIVED = ("mixed", "chunk")  # fitted after, and given, the method's prefill (and decode) fits
 READ_SPREAD = 2.0  # decode points identify the read term when their columns per sequence vary this much
 KNOTTED = {"decode": "batch"}  # operator -> the feature its piecewise-linear basis is over
 
@@ -253,6 +264,15 @@ class FittedCost:
         mixed = self.fits.get("mixed")
         return alone if mixed is None else mixed.coef["decode_s"] * alone
 
+    def chunk_s(self, start: int, end: int) -> float:
+        """Tokens ``[start, end)`` of a prompt whose first ``start`` are in the pool (``fit_chunk``;
+        no chunk fit: the difference of two prefills); ``start == 0`` is a whole prompt's start."""
+        if start == 0:
+            return self.prefill_s(end)
+        difference = self.prefill_s(end) - self.prefill_s(start)
+        fit = self.fits.get("chunk")
+        return difference if fit is None else fit.predict({"difference": difference, "cross": (end - start) * start})
+
     def evict_s(self, cuts: int) -> float:
         return self._t("evict", cuts=cuts)
 
@@ -277,7 +297,7 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
             p = {**p, "seconds": p[time_key], **{k[: -len(time_key)] + "seconds": v for k, v in p.items()
                                                  if k.endswith("_" + time_key)}}
         groups.setdefault(str(p["method"]), {}).setdefault(kind, []).append(p)
-    fits = {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items() if op != "mixed"})
+    fits = {m: FittedCost(m, {op: fit_operator(pts, op=op) for op, pts in ops.items() if op not in DERIVED})
             for m, ops in groups.items()}
     identified = {m: read_identified(ops.get("decode", [])) for m, ops in groups.items()}
     for m, ops in groups.items():
@@ -291,7 +311,18 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
     for m, ops in groups.items():
         if ops.get("mixed") and {"prefill", "decode"} <= set(fits[m].fits):
             fits[m].fits["mixed"] = fit_mixed(fits[m], ops["mixed"])
+        if ops.get("chunk") and "prefill" in fits[m].fits:
+            fits[m].fits["chunk"] = fit_chunk(fits[m], ops["chunk"])
     return fits
+
+
+def fit_chunk(cost: FittedCost, points: Sequence[Mapping]) -> OperatorFit:
+    """``t = c0' + (prefill_s(S+N) - prefill_s(S)) + d N S`` over chunk points (``c0', d >= 0``; the
+    difference's coefficient fixed at 1), on relative residuals."""
+    derived = [{"kind": "chunk", "difference": cost.prefill_s(int(p["start"]) + int(p["tokens"]))
+                - cost.prefill_s(int(p["start"])), "cross": float(p["tokens"]) * float(p["start"]),
+                "seconds": p["seconds"]} for p in points]
+    return fit_operator(derived, op="chunk", fixed={"difference": 1.0})
 
 
 def fit_mixed(cost: FittedCost, points: Sequence[Mapping]) -> OperatorFit:

@@ -52,18 +52,22 @@ class ProfileGrid:
     repeats: int = 2
     mixed_prompt: int = 256  # mixed steps: a prompt of this many tokens (at most the ladder's) admitted
     # into a step of 1, half the ladder's and all its sequences, ``repeats`` times each; 0: none
+    # chunks: ``(start, tokens)``, a prompt's tokens [start, start + tokens) after its first ``start``
+    # were prefilled (``tokens <= start``: the step budget is ``start``); () for none, >= 3 to fit
+    chunks: tuple[tuple[int, int], ...] = ((256, 256), (512, 512), (1024, 256), (1024, 1024))
 
     def to_dict(self) -> dict:
         return {"prefill": list(self.prefill), "ladders": [list(x) for x in self.ladders], "steps": self.steps,
                 "warmup": self.warmup, "rounds": self.rounds, "repeats": self.repeats,
-                "mixed_prompt": self.mixed_prompt}
+                "mixed_prompt": self.mixed_prompt, "chunks": [list(x) for x in self.chunks]}
 
     def mixed_batches(self, max_batch: int) -> list[int]:
         return sorted({max_batch, max(1, max_batch // 2), 1}, reverse=True) if self.mixed_prompt else []
 
 
 DEFAULT_GRID = ProfileGrid()
-QUICK_GRID = ProfileGrid(prefill=(32, 128, 256), ladders=((8, 128), (4, 256)), steps=2, rounds=2, mixed_prompt=128)
+QUICK_GRID = ProfileGrid(prefill=(32, 128, 256), ladders=((8, 128), (4, 256)), steps=2, rounds=2, mixed_prompt=128,
+                         chunks=((64, 64), (128, 128), (256, 64)))
 
 
 def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -76,8 +80,8 @@ def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0,
 
     fp_token = _fp_token_bytes(model)
     points: list[dict] = []
-    work = len(grid.prefill) * grid.repeats + sum(b * grid.rounds + len(grid.mixed_batches(b)) * grid.repeats
-                                                  for b, _ in grid.ladders)
+    work = (len(grid.prefill) + len(grid.chunks)) * grid.repeats + sum(
+        b * grid.rounds + len(grid.mixed_batches(b)) * grid.repeats for b, _ in grid.ladders)
     bar = tqdm(total=work, desc=f"profile {method}", unit="pt", disable=not progress)
     engines = {T: Engine(model, method=method, kv_memory=int(2 * T * fp_token) + (16 << 20), max_prefill_tokens=T)
                for T in grid.prefill}
@@ -96,10 +100,38 @@ def measure(model, method: str, grid: ProfileGrid = DEFAULT_GRID, seed: int = 0,
     points += [{"kind": "prefill", "method": method, "tokens": T, "seconds": statistics.median(ts), "samples": ts,
                 "cpu_seconds": statistics.median(cpu[T]), "cpu_samples": cpu[T]} for T, ts in times.items()]
     del engines
+    points += _chunks(model, method, grid, prompt, fp_token, bar)
     for B, C in grid.ladders:
         points += _ladder(model, method, B, C, grid, prompt, fp_token, bar)
     bar.close()
     return points
+
+
+def _chunks(model, method: str, grid: ProfileGrid, prompt, fp_token: int, bar) -> list[dict]:
+    """Each ``(start, tokens)`` of the grid: a prompt of ``start + tokens`` under a step budget of
+    ``start``, so its second step prefills the chunk after a stored prefix; that step timed."""
+    for start, tokens in grid.chunks:
+        if not 0 < tokens <= start:
+            raise ValueError(f"profile chunk ({start}, {tokens}): need 0 < tokens <= start")
+    engines = {c: Engine(model, method=method, kv_memory=int(2 * sum(c) * fp_token) + (16 << 20),
+                         max_prefill_tokens=c[0]) for c in grid.chunks}
+    times: dict[tuple[int, int], list[float]] = {c: [] for c in grid.chunks}
+    cpu: dict[tuple[int, int], list[float]] = {c: [] for c in grid.chunks}
+    for _ in range(grid.repeats):
+        for c, eng in engines.items():
+            eng.add_request(prompt(sum(c)), SamplingParams(max_tokens=1, ignore_eos=True))
+            eng.step()  # tokens [0, start)
+            reset_timers()
+            c0 = time.thread_time()
+            eng.step()  # tokens [start, start + tokens): the chunk, and the first token
+            cpu[c].append(time.thread_time() - c0)
+            times[c].append(timers().get("prefill", 0.0))
+            if eng.has_unfinished():
+                raise RuntimeError(f"profile {method}: the chunk {c} did not end its prompt in two steps")
+            bar.update()
+    return [{"kind": "chunk", "method": method, "start": s, "tokens": n, "seconds": statistics.median(times[(s, n)]),
+             "samples": times[(s, n)], "cpu_seconds": statistics.median(cpu[(s, n)]), "cpu_samples": cpu[(s, n)]}
+            for s, n in grid.chunks]
 
 
 def _ladder(model, method: str, B: int, C: int, grid: ProfileGrid, prompt, fp_token: int, bar) -> list[dict]:

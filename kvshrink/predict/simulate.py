@@ -11,7 +11,8 @@ A step is timed as the engine runs it: the decode of the running batch, the cut-
 step's prefill chunks (``SchedulerOutput.chunks``: whole prompts unchunked, each in a forward of its
 own; chunked, the pieces the step's ``max_prefill_tokens`` leaves room for, packed into the decode's
 forward). A preempted request re-prefills prompt + generated tokens (recompute). The cost of a step
-is the sum of its parts: a chunk ``[s, e)`` costs ``prefill_s(e) - prefill_s(s)``; a decode batch
+is the sum of its parts: a chunk ``[s, e)`` costs ``chunk_s(s, e)`` where the cost model measured
+chunks, else ``prefill_s(e) - prefill_s(s)``; a decode batch
 packed with chunks into one forward costs ``packed_decode_s`` where the cost model has it (the
 weights are read once for decode and prompt rows: the profile's mixed steps measure what that saves),
 never less than decoding alone would. Every token of a step is stamped at the
@@ -74,6 +75,16 @@ def _decode_cost(costs: StepCosts):
     if padded is not None:
         return padded
     return lambda batch, kv_tokens, kv_read: costs.decode_s(batch, kv_tokens)
+
+
+def _chunk_cost(costs: StepCosts):
+    """``(start, end) -> seconds`` of a prompt's tokens ``[start, end)``: the cost model's chunk
+    cost where it has one (``chunk_s``: a chunk after a stored prefix, measured), else what
+    prefilling up to ``end`` costs beyond prefilling up to ``start``."""
+    chunk = getattr(costs, "chunk_s", None)
+    if chunk is not None:
+        return chunk
+    return lambda start, end: costs.prefill_s(end) - (costs.prefill_s(start) if start else 0.0)
 
 
 SimRequest = TraceRequest  # one request of a simulated workload: the trace format
@@ -141,7 +152,7 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
     token_steps: dict[str, list[int]] = {}  # request id -> the step (1-based) of each output token
     clock, steps, peak, busy = 0.0, 0, 0, 0.0
     decode_steps, decode_busy = 0, 0.0
-    decode_cost = _decode_cost(costs)
+    decode_cost, chunk_cost = _decode_cost(costs), _chunk_cost(costs)
     packed = getattr(costs, "packed_decode_s", None)
     done = 0
 
@@ -196,9 +207,7 @@ def simulate(model_config, method: str | CompressionMethod, requests: Sequence[S
                     evict_s = costs.evict_s(cuts)
         for chunk in plan.chunks:
             req = chunk.req
-            # a chunk [start, end) of a prompt costs what prefilling up to end costs beyond prefilling
-            # up to start: the same weights per token, attention over the prefix it continues
-            chunks_s += costs.prefill_s(chunk.end) - (costs.prefill_s(chunk.start) if chunk.start else 0.0)
+            chunks_s += chunk_cost(chunk.start, chunk.end)
             if chunk.last:  # the prompt's KV enters the pool, its first token is sampled
                 for layer, kept in enumerate(store.kept_per_layer(req.prefill_len)):
                     store.record_stored(torch.tensor([req.slot]), layer, kept)

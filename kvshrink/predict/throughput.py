@@ -114,6 +114,9 @@ class Scaled:
     def packed_decode_s(self, batch: int, kv_tokens: float, kv_read: float) -> float:
         return self.costs.packed_decode_s(batch, kv_tokens, kv_read) * self.decode
 
+    def chunk_s(self, start: int, end: int) -> float:
+        return self.costs.chunk_s(start, end) * self.prefill
+
     def evict_s(self, cuts: int) -> float:
         return self.costs.evict_s(cuts) * self.decode
 

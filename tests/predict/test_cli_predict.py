@@ -71,7 +71,8 @@ def _tiny_profile(tmp_path):
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")
-    grid = ProfileGrid(prefill=(8, 16, 32), ladders=((3, 16), (2, 24)), steps=1, rounds=1, repeats=1)
+    grid = ProfileGrid(prefill=(8, 16, 32), ladders=((3, 16), (2, 24)), steps=1, rounds=1, repeats=1,
+                       chunks=((8, 8), (16, 8), (16, 16)))
     return model, run_profile(model, "tiny", ["full"], tmp_path / "prof", grid=grid)
 
 

@@ -204,6 +204,26 @@ def test_a_mixed_step_costs_its_prompt_and_a_fitted_share_of_its_decode():
     assert FittedCost.from_dict(fc.to_dict()).packed_decode_s(3, 9, 900) == fc.packed_decode_s(3, 9, 900)
 
 
+def test_a_chunk_after_a_stored_prefix_costs_the_prefill_difference_plus_a_fitted_cross_term():
+    """Chunk points built as 2 ms + (prefill(S+N) - prefill(S)) + 3e-7 N S give both back; a chunk
+    from 0 is a whole prompt's start; a profile without chunk points charges the difference."""
+    def prefill(t):
+        return PREFILL[0] + PREFILL[1] * t + PREFILL[2] * t * t
+
+    chunks = [{"kind": "chunk", "method": "kivi:bits=2", "start": S, "tokens": N,
+               "seconds": 0.002 + prefill(S + N) - prefill(S) + 3e-7 * N * S}
+              for S, N in ((256, 256), (512, 512), (1024, 256), (1024, 1024))]
+    fc = fit_points(synthetic_points() + chunks)["kivi:bits=2"]
+    fit = fc.fits["chunk"]
+    assert fit.coef["difference"] == 1.0 and fit.coef["cross"] == pytest.approx(3e-7, rel=1e-4)
+    assert fit.intercept == pytest.approx(0.002, rel=1e-3)
+    assert fc.chunk_s(700, 1300) == pytest.approx(0.002 + prefill(1300) - prefill(700) + 3e-7 * 600 * 700, rel=1e-4)
+    assert fc.chunk_s(0, 512) == fc.prefill_s(512)
+    plain = fit_points(synthetic_points())["kivi:bits=2"]
+    assert plain.chunk_s(700, 1300) == pytest.approx(prefill(1300) - prefill(700), rel=1e-6)
+    assert FittedCost.from_dict(fc.to_dict()).chunk_s(300, 600) == fc.chunk_s(300, 600)
+
+
 def test_mixed_points_timed_next_to_their_parts_use_those_times():
     """Each mixed step here ran on a machine 30% slower than the fits (the prompt and batch alone,
     timed next to it, say so): k comes from those paired times, not from the fits; the CPU-time fit

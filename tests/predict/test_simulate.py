@@ -171,6 +171,27 @@ class Packed(Flat):
         return 0.1
 
 
+def test_a_chunk_after_a_stored_prefix_costs_what_the_cost_model_says_it_does():
+    """With a ``chunk_s``, a split prompt's pieces cost it (here 1 s a piece after the first,
+    against Flat's 0 s difference of two equal prefills)."""
+    @dataclass
+    class Chunked(Flat):
+        calls: list = field(default_factory=list)
+
+        def chunk_s(self, start: int, end: int) -> float:
+            self.calls.append((start, end))
+            return self.prefill if start == 0 else 1.0
+
+    model = tiny_model("llama")
+    cfg = EngineConfig(kv_memory="8MiB", block_size=8, max_prefill_tokens=16)
+    costs = Chunked()
+    res = simulate(model.config, "full", [SimRequest(40, 2)], costs, cfg)
+    assert costs.calls == [(0, 16), (16, 32), (32, 40)]
+    assert res.ttft_s == [3.0] and res.e2e_s == [3.5]
+    plain = simulate(model.config, "full", [SimRequest(40, 2)], Flat(), cfg)
+    assert plain.ttft_s == [1.0]  # Flat's prefill costs 1 s whatever its length: the difference is 0
+
+
 def test_a_decode_packed_with_a_prompt_costs_what_the_cost_model_says_packed():
     """As in the test above, but A's decode in step 3 rides in B's prefill forward: the step costs
     1 + 0.1 s (not 1.5), so both tokens come back at 2.6. Unchunked, the prompt has a forward of its

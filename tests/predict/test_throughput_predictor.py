@@ -102,7 +102,8 @@ def test_profile_measures_every_batch_size_of_a_ladder():
     from kvshrink.predict.profile import ProfileGrid, measure
 
     model = tiny_model("llama")
-    grid = ProfileGrid(prefill=(8, 16), ladders=((4, 40),), steps=2, warmup=1, rounds=3, repeats=2)
+    grid = ProfileGrid(prefill=(8, 16), ladders=((4, 40),), steps=2, warmup=1, rounds=3, repeats=2,
+                       chunks=((8, 8), (16, 8), (16, 16)))
     for spec in ("full", "streamingllm:budget=16"):
         pts = measure(model, spec, grid, progress=False)
         pre = [p for p in pts if p["kind"] == "prefill"]
@@ -124,3 +125,8 @@ def test_profile_measures_every_batch_size_of_a_ladder():
         assert all(p["seconds"] > 0 and p["kv_read"] >= p["kv_tokens"] > 0 for p in mixed)
         assert all(p[f"{part}_{t}"] > 0 for p in mixed for part in ("prefill", "decode") for t in ("seconds", "cpu_seconds"))
         assert fits["mixed"].coef["prefill_s"] == 1.0 and fits["mixed"].coef["decode_s"] >= 0
+        # chunks after a stored prefix: each (start, tokens) of the grid timed ``repeats`` times
+        chunks = [p for p in pts if p["kind"] == "chunk"]
+        assert [(p["start"], p["tokens"], len(p["samples"])) for p in chunks] == [(s, n, 2) for s, n in grid.chunks]
+        assert all(p["seconds"] > 0 and p["cpu_seconds"] > 0 for p in chunks)
+        assert fits["chunk"].coef["difference"] == 1.0 and fits["chunk"].coef["cross"] >= 0
