@@ -49,6 +49,16 @@ def percentile(xs, p: float) -> float | None:
     return float(np.percentile(xs, p)) if len(xs) else None
 
 
+def step_means(steps: int, step_s: float, decode_steps: int, decode_s: float) -> dict:
+    """A run's step count and mean step times in ms: all steps, those that prefilled no prompt token
+    (decode only) and the rest (None where there are none); measured here and simulated alike."""
+    out: dict = {"steps": steps, "decode_steps": decode_steps}
+    for key, seconds, n in (("step_ms_mean", step_s, steps), ("decode_step_ms_mean", decode_s, decode_steps),
+                            ("prompt_step_ms_mean", step_s - decode_s, steps - decode_steps)):
+        out[key] = seconds / n * 1000 if n else None
+    return out
+
+
 def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int | str, seed: int = 0) -> dict:
     """The engine on ``requests``, arrivals honoured on the wall clock (random token ids of the given
     lengths). Returns output tokens/s and TTFT/TPOT/E2E percentiles, as ``predict throughput`` does."""
@@ -91,9 +101,7 @@ def run_trace(model, method: str, requests: list[TraceRequest], kv_memory: int |
     e2e = [ts[-1] - requests[int(i)].arrival_s for i, ts in times.items() if ts]
     out = {"method": method, "output_tokens_per_s": sum(len(ts) for ts in times.values()) / makespan,
            "makespan_s": makespan, "peak_concurrency": peak, "preemptions": eng.stats().preemptions,
-           "steps": steps, "step_ms_mean": step_s / steps * 1000, "decode_steps": decode_steps,
-           "decode_step_ms_mean": decode_s / decode_steps * 1000 if decode_steps else None,
-           "prompt_step_ms_mean": (step_s - decode_s) / (steps - decode_steps) * 1000 if steps > decode_steps else None}
+           **step_means(steps, step_s, decode_steps, decode_s)}
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         for p in (50, 90, 99):
             v = percentile(xs, p)

@@ -269,9 +269,9 @@ class FittedCost:
         no chunk fit: the difference of two prefills); ``start == 0`` is a whole prompt's start."""
         if start == 0:
             return self.prefill_s(end)
-        difference = self.prefill_s(end) - self.prefill_s(start)
         fit = self.fits.get("chunk")
-        return difference if fit is None else fit.predict({"difference": difference, "cross": (end - start) * start})
+        x = chunk_features(self, start, end)
+        return x["difference"] if fit is None else fit.predict(x)
 
     def evict_s(self, cuts: int) -> float:
         return self._t("evict", cuts=cuts)
@@ -316,12 +316,17 @@ def fit_points(points: Iterable[Mapping], time_key: str = "seconds") -> dict[str
     return fits
 
 
+def chunk_features(cost: FittedCost, start: int, end: int) -> dict[str, float]:
+    """The chunk operator's features of tokens ``[start, end)``: the two prefills' difference and
+    ``N S`` (the chunk's tokens times the prefix's)."""
+    return {"difference": cost.prefill_s(end) - cost.prefill_s(start), "cross": float(end - start) * start}
+
+
 def fit_chunk(cost: FittedCost, points: Sequence[Mapping]) -> OperatorFit:
     """``t = c0' + (prefill_s(S+N) - prefill_s(S)) + d N S`` over chunk points (``c0', d >= 0``; the
     difference's coefficient fixed at 1), on relative residuals."""
-    derived = [{"kind": "chunk", "difference": cost.prefill_s(int(p["start"]) + int(p["tokens"]))
-                - cost.prefill_s(int(p["start"])), "cross": float(p["tokens"]) * float(p["start"]),
-                "seconds": p["seconds"]} for p in points]
+    derived = [{"kind": "chunk", "seconds": p["seconds"],
+                **chunk_features(cost, int(p["start"]), int(p["start"]) + int(p["tokens"]))} for p in points]
     return fit_operator(derived, op="chunk", fixed={"difference": 1.0})
 
 

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from kvshrink.bench.trace import TraceRequest, percentile
+from kvshrink.bench.trace import TraceRequest, percentile, step_means
 from kvshrink.engine.config import EngineConfig
 from kvshrink.engine.eviction import cut_accounting, evict_due
 from kvshrink.engine.pool import KVStore
@@ -110,11 +110,7 @@ class SimResult:
     def percentiles(self) -> dict[str, float]:
         out: dict[str, float] = {"output_tokens_per_s": self.output_tokens_per_s, "makespan_s": self.makespan_s,
                                  "peak_concurrency": self.peak_concurrency, "preemptions": self.preemptions,
-                                 "steps": self.steps, "decode_steps": self.decode_steps}
-        for key, seconds, n in (("step_ms_mean", self.busy_s, self.steps),
-                                ("decode_step_ms_mean", self.decode_busy_s, self.decode_steps),
-                                ("prompt_step_ms_mean", self.busy_s - self.decode_busy_s, self.steps - self.decode_steps)):
-            out[key] = seconds / n * 1000 if n else None
+                                 **step_means(self.steps, self.busy_s, self.decode_steps, self.decode_busy_s)}
         for name, xs in (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("itl", self.itl_s), ("e2e", self.e2e_s)):
             for p in (50, 90, 99):
                 v = percentile(xs, p)
